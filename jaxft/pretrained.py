@@ -1,0 +1,76 @@
+"""From a checkpoint name to a sharded NNX model: resolve, read the HF config, shape, shard, load.
+
+Shared by `jaxft.load` (the Python API) and `train` so both load weights the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxft import load as load_io
+from jaxft import models, sharding
+from jaxft.config import LoadConfig, MeshConfig, ModelConfig
+from jaxft.mesh import build_mesh
+from jaxft.models import bert_hf
+
+
+@dataclasses.dataclass
+class Pretrained:
+    folder: Path
+    hf_config: dict[str, Any]
+    spec: models.BertSpec
+    graphdef: nnx.GraphDef
+    params: nnx.State  # sharded arrays
+    param_shardings: dict[str, jax.sharding.NamedSharding]
+    source: dict[str, Any]  # path and file hashes
+
+    def model(self, compute_dtype: Any = jnp.float32) -> models.BertModel:
+        return nnx.merge(self.graphdef, self.params).configure(compute_dtype)
+
+
+def read_spec(model_cfg: ModelConfig, num_labels: int) -> tuple[Path, dict[str, Any], models.BertSpec]:
+    folder = load_io.resolve_source(model_cfg.source)
+    hf = load_io.read_hf_config(folder)
+    if num_labels <= 0:
+        num_labels = model_cfg.num_labels or hf.get("num_labels") or len(hf.get("id2label", {})) or 2
+    spec = bert_hf.spec_from_hf_config(hf, model_cfg.task, num_labels, model_cfg.dropout_rate)
+    return folder, hf, spec
+
+
+def infer_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> dict[str, jax.sharding.NamedSharding]:
+    return sharding.named(sharding.infer_param_specs(abstract_params, rules, mesh), mesh)
+
+
+def load_pretrained(model_cfg: ModelConfig, load_cfg: LoadConfig, mesh: Mesh, rules, num_labels: int = 0,
+                    seed: int = 0) -> Pretrained:
+    folder, hf, spec = read_spec(model_cfg, num_labels)
+    graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype)
+    shardings = infer_shardings(abstract_params, mesh, rules)
+    params, source = load_io.load_pretrained(
+        folder, abstract_params, bert_hf.body_prefix(spec, hf.get("model_type", "bert")), shardings,
+        load_cfg.new_params, load_cfg.ignore_unused,
+        lambda wanted: models.init_params(spec, model_cfg.param_dtype, wanted, shardings, seed),
+    )
+    return Pretrained(folder, hf, spec, graphdef, params, shardings, source)
+
+
+def load(path_or_hub_id: str, task: str = "sequence-classification", num_labels: int = 0,
+         dtype: Any = "float32", mesh: Mesh | None = None, new_params: tuple[str, ...] | None = None
+         ) -> models.BertModel:
+    """The NNX model with pretrained weights; `model(input_ids=..., attention_mask=..., token_type_ids=...)`.
+
+    dtype is the compute dtype (parameters stay fp32). With no mesh, parameters are replicated over all
+    local devices' data axis. A missing head is initialised fresh and logged.
+    """
+    mesh = mesh if mesh is not None else build_mesh(MeshConfig())
+    model_cfg = ModelConfig(source=path_or_hub_id, task=task, num_labels=num_labels)
+    load_cfg = LoadConfig() if new_params is None else LoadConfig(new_params=new_params)
+    pre = load_pretrained(model_cfg, load_cfg, mesh, MeshConfig().rules, num_labels)
+    return pre.model(jnp.dtype(dtype))
