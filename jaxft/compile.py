@@ -1,0 +1,67 @@
+"""The only jax.jit of the steps: shardings in and out, state donation, and AOT lowering for `plan`."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxft import mesh as mesh_lib
+from jaxft import step as step_lib
+from jaxft.sharding import replicated
+from jaxft.state import TrainState
+
+
+class Traced:
+    """A jitted callable that counts how often Python traced it (tests assert it is once per run)."""
+
+    def __init__(self, fn, **jit_kwargs):
+        self.traces = 0
+
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            self.traces += 1
+            return fn(*args, **kwargs)
+
+        self.jitted = jax.jit(counted, **jit_kwargs)
+
+    def __call__(self, *args):
+        return self.jitted(*args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+
+def batch_shardings(mesh: Mesh, fields=("input_ids", "attention_mask", "token_type_ids", "labels", "weights")):
+    return {k: mesh_lib.batch_sharding(mesh) for k in fields}
+
+
+def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   microbatches: int, state_shardings: TrainState, mesh: Mesh) -> Traced:
+    fn = functools.partial(step_lib.train_step, graphdef=graphdef,  # static: the model's structure
+                           tx=tx, schedule=schedule,  # static: pure functions of (grads, state, step)
+                           microbatches=microbatches)  # static: shapes the scan
+    return Traced(
+        fn,
+        in_shardings=(state_shardings,  # the state stays where it lives: no resharding per step
+                      batch_shardings(mesh)),  # rows split over (data, fsdp)
+        out_shardings=(state_shardings, replicated(mesh)),  # metrics are scalars, replicated
+        donate_argnums=(0,),  # the old state's buffers become the new state's: no second copy
+    )
+
+
+def jit_eval_step(graphdef: nnx.GraphDef, state_shardings: TrainState, mesh: Mesh) -> Traced:
+    fn = functools.partial(step_lib.eval_step, graphdef=graphdef)
+    return Traced(fn, in_shardings=(state_shardings.trainable, state_shardings.frozen, batch_shardings(mesh)),
+                  out_shardings=replicated(mesh))
+
+
+def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -> Traced:
+    fn = functools.partial(step_lib.predict_step, graphdef=graphdef)
+    fields = ("input_ids", "attention_mask", "token_type_ids")
+    return Traced(fn, in_shardings=(param_shardings, batch_shardings(mesh, fields)),
+                  out_shardings=mesh_lib.batch_sharding(mesh))

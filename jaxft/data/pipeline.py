@@ -1,0 +1,144 @@
+"""Sources → grain pipelines → per-process numpy batches: seeded shuffle, repeat, process sharding,
+batching and tokenization with the checkpoint's own tokenizer. Iterator state is checkpointable.
+
+Turning host batches into global jax.Arrays is mesh.make_global_batch's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from jaxft.config import DataConfig
+from jaxft.data import builders
+from jaxft.data.builders import DataError
+
+
+@dataclasses.dataclass
+class Sources:
+    train: Any  # random-access data source (len, __getitem__)
+    eval: Any | None
+    label_names: tuple[str, ...]
+    text_key: str
+    pair_key: str
+    label_key: str
+
+
+def default_data_dir() -> str:
+    return os.environ.get("JAXFT_DATA_DIR", str(Path("~/.cache/jaxft/tfds").expanduser()))
+
+
+def open_sources(cfg: DataConfig, need_eval: bool = True) -> Sources:
+    """Prepares (once) and opens the train and eval splits as tfds array_record data sources."""
+    data_dir = cfg.data_dir or default_data_dir()
+    if cfg.dataset in ("reviews", "files"):
+        if cfg.dataset == "reviews":
+            builder = builders.build_reviews_dataset(data_dir)
+        else:
+            splits = {cfg.train_split: [Path(f) for f in cfg.train_files]}
+            if cfg.eval_files:
+                splits[cfg.eval_split] = [Path(f) for f in cfg.eval_files]
+            builder = builders.build_files_dataset(cfg, data_dir, splits)
+        text_key, pair_key, label_key = "text", ("text_pair" if cfg.text_pair_column else ""), "label"
+    else:
+        import tensorflow_datasets as tfds
+
+        try:
+            builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir or None, file_format="array_record")
+        except Exception as e:  # tfds raises its own not-found types
+            raise DataError(f"data.dataset: {cfg.dataset!r} is not a known tfds dataset ({e})") from None
+        if not builder.is_prepared():
+            raise DataError(f"data.dataset: {cfg.dataset!r} is not prepared in array_record format under "
+                            f"{builder.data_dir} (prepare it with `tfds build --file_format=array_record`)")
+        text_key, pair_key, label_key = cfg.text_column, cfg.text_pair_column, cfg.label_column
+    splits = builder.info.splits
+    for split in [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else []):
+        if split not in splits:
+            raise DataError(f"data.train_split: split {split!r} not in {cfg.dataset} (has {list(splits)})")
+        if splits[split].num_examples == 0:
+            raise DataError(f"{cfg.dataset}/{split}: dataset is empty")
+    feature = builder.info.features[label_key]
+    label_names = tuple(cfg.label_names) or tuple(getattr(feature, "names", ()))
+    if not label_names:
+        raise DataError(f"data.label_names: {cfg.dataset} has no ClassLabel names for {label_key!r}; set them")
+    sources = builder.as_data_source()
+    eval_source = sources[cfg.eval_split] if need_eval and cfg.eval_split in sources else None
+    return Sources(sources[cfg.train_split], eval_source, label_names, text_key, pair_key, label_key)
+
+
+class Encoder:
+    """Tokenizes a list of records into fixed-shape numpy arrays with the checkpoint's tokenizer."""
+
+    def __init__(self, tokenizer_dir: Path, max_length: int, sources: Sources):
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{tokenizer_dir}: cannot load the checkpoint's tokenizer ({e})") from None
+        self.max_length = max_length
+        self.s = sources
+
+    def __call__(self, columns: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Encodes a batch given as columns (grain stacks records into {field: array})."""
+        texts = [_text(t) for t in columns[self.s.text_key]]
+        pairs = [_text(t) for t in columns[self.s.pair_key]] if self.s.pair_key else None
+        enc = self.tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="np", return_token_type_ids=True)
+        return {
+            "input_ids": enc["input_ids"].astype(np.int32),
+            "attention_mask": enc["attention_mask"].astype(np.int32),
+            "token_type_ids": enc["token_type_ids"].astype(np.int32),
+            "labels": np.asarray(columns[self.s.label_key], np.int32).reshape(len(texts)),
+            "weights": np.ones((len(texts),), np.float32),
+        }
+
+
+def _columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {k: [r[k] for r in records] for k in records[0]}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def build_train_dataset(source: Any, encoder: Encoder, global_batch: int, seed: int) -> grain.MapDataset:
+    """Infinite, seeded, reshuffled every epoch; each process reads its own slice and batch rows."""
+    if len(source) < global_batch:
+        raise DataError(f"train.batch_size: {global_batch} is larger than the {len(source)} training examples")
+    per_process = global_batch // jax.process_count()
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    ds = ds[jax.process_index()::jax.process_count()]
+    return ds.batch(per_process, drop_remainder=True).map(encoder)
+
+
+def iter_eval_batches(source: Any, encoder: Encoder, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example exactly once, in order; the last batch is padded with weight-0 rows.
+
+    Every process yields the same number of batches so collective steps stay in lockstep.
+    """
+    n, procs, rank = len(source), jax.process_count(), jax.process_index()
+    per_process = global_batch // procs
+    num_batches = -(-n // global_batch)
+    mine = list(range(rank, n, procs))
+    for b in range(num_batches):
+        idx = mine[b * per_process:(b + 1) * per_process]
+        records = [source[i] for i in idx]
+        pad = per_process - len(records)
+        if not records:
+            records, pad = [source[0]], per_process - 1
+            batch = encoder(_columns(records))
+            batch["weights"][:] = 0.0
+        else:
+            batch = encoder(_columns(records))
+        if pad:
+            batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
+            batch["weights"][-pad:] = 0.0
+        yield batch

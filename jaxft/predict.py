@@ -1,0 +1,77 @@
+"""Inference from a run dir: restore the latest (or a given) checkpoint's parameters and label JSONL text."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxft import compile, mesh, models, pretrained
+from jaxft.checkpoint import RunCheckpointError, restore_params
+from jaxft.config import from_dict
+from jaxft.data.builders import DataError, read_records
+from jaxft.sharding import tree_shardings
+
+
+def read_run(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise RunCheckpointError(f"{run_dir}: not a jaxft run dir (no run.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunCheckpointError(f"{path}: corrupted run metadata ({e.msg})") from None
+
+
+def load_run_model(run_dir: Path, step: int | None = None):
+    """(graphdef, params, meta, mesh, step) of a finished or running run, restored into shardings."""
+    meta = read_run(run_dir)
+    cfg = from_dict(meta["config"])
+    m = mesh.build_mesh(cfg.mesh)
+    spec = models.BertSpec(**meta["spec"])
+    graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype)
+    shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
+    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step)
+    return graphdef, params, meta, m, step
+
+
+def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 32,
+                 step: int | None = None) -> int:
+    """Writes each input line with `label` and `probs` added; the output appears only when complete."""
+    if output_path.resolve() == input_path.resolve():
+        raise DataError(f"{output_path}: output would overwrite the input")
+    records = [r for _, r in read_records(input_path)]
+    for i, r in enumerate(records, start=1):
+        if not isinstance(r.get("text"), str):
+            raise DataError(f"{input_path}:{i}: each line needs a string \"text\" field")
+    if not records:
+        raise DataError(f"{input_path}: no input lines")
+    graphdef, params, meta, m, _ = load_run_model(run_dir, step)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(meta["source"]["path"])
+    max_length = meta["config"]["data"]["max_length"]
+    dp = mesh.data_parallel_size(m)
+    batch_size = -(-batch_size // dp) * dp
+    fn = compile.jit_predict_step(graphdef, jax.tree.map(lambda x: x.sharding, params), m)
+    labels = meta["label_names"]
+    probs_all = []
+    for start in range(0, len(records), batch_size):
+        texts = [r["text"] for r in records[start:start + batch_size]]
+        pad = batch_size - len(texts)
+        enc = tokenizer(texts + [""] * pad, padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="np", return_token_type_ids=True)
+        batch = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        probs = np.asarray(jax.device_get(fn(params, mesh.make_global_batch(batch, m))))
+        probs_all.extend(probs[: len(texts)])
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        for r, p in zip(records, probs_all):
+            f.write(json.dumps({**r, "label": labels[int(np.argmax(p))], "probs": [float(x) for x in p]}) + "\n")
+    os.replace(tmp, output_path)
+    return len(records)
