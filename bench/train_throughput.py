@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxft import compile, freeze, mesh, optim, pretrained
 from jaxft.config import Config, MeshConfig, ModelConfig, OptimConfig
+from jaxft.sharding import replicated
 from jaxft.state import create_state, split_params
 from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
 
@@ -33,7 +34,7 @@ def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, comput
     trainable, frozen = split_params((pre.graphdef, pre.params), set(plan.trainable_paths))
     schedule = optim.build_schedule(cfg.optim, steps)
     tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m))
+    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
     step = compile.jit_train_step(_configured_graphdef(pre, cfg), tx, schedule, 1, shardings_of(state), m)
     rng = np.random.default_rng(0)
     host = {

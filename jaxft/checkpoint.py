@@ -82,11 +82,11 @@ def restore_params(run_dir: Path, abstract_params: nnx.State, shardings: nnx.Sta
     for (path, var), (_, sh) in zip(abstract_params.flat_state(), shardings.flat_state()):
         key = "trainable" if "/".join(map(str, path)) in trainable_paths else "frozen"
         parts[key][path] = var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value()))
-    target = {k: nnx.State.from_flat_path(v).to_pure_dict() for k, v in parts.items()}
+    target = {k: nnx.from_flat_state(v).to_pure_dict() for k, v in parts.items()}
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(item=target, partial_restore=True)))["state"]
-    merged = nnx.State.merge(_replace_pure(nnx.State.from_flat_path(parts["trainable"]), restored["trainable"]),
-                             _replace_pure(nnx.State.from_flat_path(parts["frozen"]), restored["frozen"]))
+    merged = nnx.merge_state(_replace_pure(nnx.from_flat_state(parts["trainable"]), restored["trainable"]),
+                             _replace_pure(nnx.from_flat_state(parts["frozen"]), restored["frozen"]))
     manager.close()
     return merged, meta, step
 

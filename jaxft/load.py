@@ -265,5 +265,5 @@ def load_pretrained(folder: Path, abstract_params: Any, prefix: str, shardings: 
     plan = plan_merge(shapes, source, prefix, new_params, ignore_unused)
     values = dict(iter_placed(plan, source, shapes, shardings, dtypes))
     values.update(init_fresh(set(shapes) - set(values)))
-    state = nnx.State.from_flat_path({p: v.replace(values[name]) for name, (p, v) in flat.items()})
+    state = nnx.from_flat_state({p: v.replace(values[name]) for name, (p, v) in flat.items()})
     return state, source_identity(folder, source)

@@ -74,7 +74,7 @@ def named(specs: dict[str, PartitionSpec], mesh: Mesh) -> dict[str, NamedShardin
 def tree_shardings(state: nnx.State, shardings_by_path: dict[str, NamedSharding]) -> nnx.State:
     """A State of the same structure with each leaf replaced by its sharding."""
     flat = {path: var.replace(shardings_by_path[paths.path_str(path)]) for path, var in state.flat_state()}
-    return nnx.State.from_flat_path(flat)
+    return nnx.from_flat_state(flat)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

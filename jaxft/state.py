@@ -33,18 +33,20 @@ def split_params(graphdef_and_params: tuple[nnx.GraphDef, nnx.State], trainable_
     flat = list(params.flat_state())
     trainable = {p: v for p, v in flat if paths.path_str(p) in trainable_paths}
     frozen = {p: v for p, v in flat if paths.path_str(p) not in trainable_paths}
-    return nnx.State.from_flat_path(trainable), nnx.State.from_flat_path(frozen)
+    return nnx.from_flat_state(trainable), nnx.from_flat_state(frozen)
 
 
 def merge_params(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
-    return nnx.State.merge(trainable, frozen)
+    return nnx.merge_state(trainable, frozen)
 
 
 def create_state(trainable: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, seed: int,
-                 opt_state_shardings: Any = None) -> TrainState:
-    init = jax.jit(tx.init, out_shardings=opt_state_shardings) if opt_state_shardings is not None else tx.init
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                      opt_state=init(trainable), rng=jax.random.key_data(jax.random.key(seed)))
+                 opt_state_shardings: Any, replicated: jax.sharding.Sharding) -> TrainState:
+    """A fresh state: the optimizer state is created directly in its shardings, scalars replicated."""
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings)(trainable)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable=trainable,
+                      frozen=frozen, opt_state=opt_state,
+                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
 
 
 def abstract_opt_state(tx: optax.GradientTransformation, abstract_trainable: nnx.State) -> Any:
@@ -58,13 +60,13 @@ def state_shardings(state_like: TrainState, trainable_shardings: nnx.State, froz
 
 
 def repartition(state: TrainState, new_trainable_paths: set[str], tx: optax.GradientTransformation,
-                opt_state_shardings: Any = None) -> TrainState:
+                opt_state_shardings: Any) -> TrainState:
     """Moves parameters between partitions (gradual unfreezing). Parameters already training keep their
     optimizer statistics; newly trained ones start from a fresh optimizer state."""
     all_params = merge_params(state.trainable, state.frozen)
     trainable, frozen = split_params((None, all_params), new_trainable_paths)
     old_opt = state.opt_state
-    new_opt = create_state(trainable, frozen, tx, 0, opt_state_shardings).opt_state
+    new_opt = jax.jit(tx.init, out_shardings=opt_state_shardings)(trainable)
     old_def = jax.tree.structure(state.trainable)
     new_def = jax.tree.structure(trainable)
 
@@ -72,7 +74,7 @@ def repartition(state: TrainState, new_trainable_paths: set[str], tx: optax.Grad
         if jax.tree.structure(new_node) == new_def and jax.tree.structure(old_node) == old_def:
             old = {p: v for p, v in old_node.flat_state()}
             flat = {p: (old[p] if p in old else v) for p, v in new_node.flat_state()}
-            return nnx.State.from_flat_path(flat)
+            return nnx.from_flat_state(flat)
         return old_node if jax.tree.structure(old_node) == jax.tree.structure(new_node) else new_node
 
     is_node = lambda x: isinstance(x, nnx.State)  # noqa: E731

@@ -35,7 +35,7 @@ def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple
 
 
 def _loss_of_trainable(trainable, frozen, graphdef, batch, rng):
-    params = nnx.State.merge(trainable, frozen)
+    params = nnx.merge_state(trainable, frozen)
     return classification_loss(model_logits(graphdef, params, batch, rng), batch)
 
 

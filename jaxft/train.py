@@ -15,6 +15,7 @@ from flax import nnx
 from jaxft import checkpoint, compile, freeze, loop, mesh, optim, pretrained, sharding
 from jaxft.config import Config, to_dict
 from jaxft.data import pipeline
+from jaxft.sharding import replicated
 from jaxft.state import TrainState, abstract_opt_state, create_state, repartition, split_params
 
 log = logging.getLogger("jaxft.train")
@@ -29,6 +30,14 @@ class RunResult:
     traces: int  # how often the train step was traced (once per freeze phase)
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run dir with checkpoints belongs to an earlier run; never write over it."""
+    ckpts = run_dir / "checkpoints"
+    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
+        raise checkpoint.RunCheckpointError(
+            f"{run_dir}: run dir already holds checkpoints; pass a new --run-dir")
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -40,7 +49,7 @@ def build_freeze_plan(cfg: Config, params: nnx.State) -> freeze.FreezePlan:
 
 def lr_multipliers(plan: freeze.FreezePlan, trainable: nnx.State) -> Any:
     flat = {p: v.replace(plan.lr_multiplier(sharding.paths.path_str(p))) for p, v in trainable.flat_state()}
-    return nnx.State.from_flat_path(flat)
+    return nnx.from_flat_state(flat)
 
 
 def shardings_of(tree: Any) -> Any:
@@ -67,6 +76,7 @@ def evaluate_fn(eval_step, sources: pipeline.Sources, encoder: pipeline.Encoder,
 
 def train(cfg: Config, run_dir: str | Path) -> RunResult:
     run_dir = Path(run_dir)
+    check_run_dir(run_dir)
     m = mesh.build_mesh(cfg.mesh)
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
@@ -80,8 +90,7 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
     trainable, frozen = split_params((pre.graphdef, pre.params), active)
     tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, cfg.train.seed,
-                         _opt_shardings(tx, trainable, m))
+    state = create_state(trainable, frozen, tx, cfg.train.seed, _opt_shardings(tx, trainable, m), replicated(m))
     graphdef = _configured_graphdef(pre, cfg)
     encoder = pipeline.Encoder(pre.folder, cfg.data.max_length, sources)
     train_ds = pipeline.build_train_dataset(sources.train, encoder, cfg.train.batch_size, cfg.data.shuffle_seed)
@@ -113,7 +122,7 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
         if want == steps["active"]:
             return state_
         log.info("gradual unfreezing at step %d: %d trainable tensors", step, len(want))
-        new_trainable, _ = split_params((None, nnx.State.merge(state_.trainable, state_.frozen)), want)
+        new_trainable, _ = split_params((None, nnx.merge_state(state_.trainable, state_.frozen)), want)
         steps["tx"] = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, new_trainable))
         steps["active"], steps["fn"] = want, None
         meta["trainable_paths"] = sorted(want)

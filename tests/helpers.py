@@ -6,6 +6,7 @@ import numpy as np
 
 from jaxft import compile, freeze, mesh, optim, pretrained
 from jaxft.config import Config, FreezeConfig, MeshConfig, ModelConfig, OptimConfig
+from jaxft.sharding import replicated
 from jaxft.state import create_state, split_params
 from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
 
@@ -23,7 +24,7 @@ def make_setup(folder, mesh_shape=(8, 1, 1), rules=((r".*", "train"),), optim_cf
     trainable, frozen = split_params((pre.graphdef, pre.params), set(plan.trainable_paths))
     schedule = optim.build_schedule(cfg.optim, 100)
     tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m))
+    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
     step = compile.jit_train_step(_configured_graphdef(pre, cfg), tx, schedule, microbatches,
                                   shardings_of(state), m)
     return {"cfg": cfg, "mesh": m, "pre": pre, "plan": plan, "state": state, "step": step, "tx": tx,

@@ -1,0 +1,1 @@
+"""Datasets: tfds builders, tokenization and grain pipelines."""
