@@ -42,6 +42,7 @@ def load_run_model(run_dir: Path, step: int | None = None):
 def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 32,
                  step: int | None = None) -> int:
     """Writes each input line with `label` and `probs` added; the output appears only when complete."""
+    read_run(run_dir)  # fail on a wrong run dir before reading anything else
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input")
     records = [r for _, r in read_records(input_path)]
