@@ -54,10 +54,11 @@ def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, sch
     )
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, state_shardings: TrainState, mesh: Mesh) -> Traced:
+def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Traced:
+    # Parameters arrive committed to their shardings; their partition into trainable/frozen changes with
+    # gradual unfreezing, so it is not fixed here (a new partition retraces, a new step does not).
     fn = functools.partial(step_lib.eval_step, graphdef=graphdef)
-    return Traced(fn, in_shardings=(state_shardings.trainable, state_shardings.frozen, batch_shardings(mesh)),
-                  out_shardings=replicated(mesh))
+    return Traced(fn, out_shardings=replicated(mesh))
 
 
 def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -> Traced:

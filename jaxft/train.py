@@ -128,7 +128,7 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
         meta["trainable_paths"] = sorted(want)
         return repartition(state_, want, steps["tx"], _opt_shardings(steps["tx"], new_trainable, m))
 
-    eval_step = compile.jit_eval_step(graphdef, shardings_of(state), m)
+    eval_step = compile.jit_eval_step(graphdef, m)
     hooks = loop.LoopHooks(
         next_batch=lambda: mesh.make_global_batch(next(data_iter), m),
         train_step=train_step,

