@@ -2,7 +2,8 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-RUN_DIR ?= runs/minilm_sentiment
+# A new run dir per demo: jaxft never writes over an earlier run.
+RUN_DIR ?= runs/minilm_sentiment-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test lint clean
 
@@ -25,6 +26,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check jaxft tests bench configs
+	$(BIN)/ruff format --check jaxft tests bench configs
 	$(BIN)/pytest -q tests
 
 clean:

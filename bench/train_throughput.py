@@ -24,8 +24,11 @@ from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan,
 
 
 def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, compute_dtype: str) -> dict:
-    cfg = Config(model=ModelConfig(source=model, compute_dtype=compute_dtype), mesh=MeshConfig(),
-                 optim=OptimConfig(learning_rate=2e-5, warmup_steps=0, schedule="constant"))
+    cfg = Config(
+        model=ModelConfig(source=model, compute_dtype=compute_dtype),
+        mesh=MeshConfig(),
+        optim=OptimConfig(learning_rate=2e-5, warmup_steps=0, schedule="constant"),
+    )
     rules = freeze.freeze_embeddings_and_first_layers(frozen_layers) if frozen_layers else [(r".*", "train")]
     cfg = cfg.replace(freeze=type(cfg.freeze)(rules=tuple(rules)))
     m = mesh.build_mesh(cfg.mesh)
@@ -55,11 +58,22 @@ def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, comput
         jax.block_until_ready((state.trainable, metrics))
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    return {"impl": "jaxft", "model": model, "batch": batch, "seq": seq, "steps": steps,
-            "frozen_layers": frozen_layers, "compute_dtype": compute_dtype,
-            "trainable_params": plan.count(True), "tokens_per_sec": round(batch * seq / step_s, 1),
-            "step_ms": round(1000 * step_s, 1), "devices": jax.device_count(), "backend": jax.default_backend(),
-            "jax": jax.__version__, "traces": step.traces}
+    return {
+        "impl": "jaxft",
+        "model": model,
+        "batch": batch,
+        "seq": seq,
+        "steps": steps,
+        "frozen_layers": frozen_layers,
+        "compute_dtype": compute_dtype,
+        "trainable_params": plan.count(True),
+        "tokens_per_sec": round(batch * seq / step_s, 1),
+        "step_ms": round(1000 * step_s, 1),
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "traces": step.traces,
+    }
 
 
 def main() -> None:

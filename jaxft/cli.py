@@ -23,8 +23,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.paths import RuleError
     from jaxft.sharding import ShardingError
 
-    return (ConfigError, CheckpointError, ArchitectureError, DataError, MeshError, ShardingError, RuleError,
-            RunCheckpointError)
+    return (
+        ConfigError,
+        CheckpointError,
+        ArchitectureError,
+        DataError,
+        MeshError,
+        ShardingError,
+        RuleError,
+        RunCheckpointError,
+    )
 
 
 def _quiet_libraries() -> None:
@@ -59,8 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     result = train(cfg, run_dir)
     if result.eval_metrics:
-        print(f"test accuracy: {result.eval_metrics['eval_accuracy']:.4f}  "
-              f"test loss: {result.eval_metrics['eval_loss']:.4f}")
+        print(
+            f"test accuracy: {result.eval_metrics['eval_accuracy']:.4f}  "
+            f"test loss: {result.eval_metrics['eval_loss']:.4f}"
+        )
     print(f"run dir: {run_dir}")
     return 0
 
@@ -89,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="where metrics, checkpoints and run.json go")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("predict", help="label a JSONL file of {\"text\": ...} with a run's latest checkpoint")
+    p = sub.add_parser("predict", help='label a JSONL file of {"text": ...} with a run\'s latest checkpoint')
     p.add_argument("run_dir")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)

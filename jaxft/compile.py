@@ -40,15 +40,27 @@ def batch_shardings(mesh: Mesh, fields=("input_ids", "attention_mask", "token_ty
     return {k: mesh_lib.batch_sharding(mesh) for k in fields}
 
 
-def jit_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   microbatches: int, state_shardings: TrainState, mesh: Mesh) -> Traced:
-    fn = functools.partial(step_lib.train_step, graphdef=graphdef,  # static: the model's structure
-                           tx=tx, schedule=schedule,  # static: pure functions of (grads, state, step)
-                           microbatches=microbatches)  # static: shapes the scan
+def jit_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    microbatches: int,
+    state_shardings: TrainState,
+    mesh: Mesh,
+) -> Traced:
+    fn = functools.partial(
+        step_lib.train_step,
+        graphdef=graphdef,  # static: the model's structure
+        tx=tx,
+        schedule=schedule,  # static: pure functions of (grads, state, step)
+        microbatches=microbatches,
+    )  # static: shapes the scan
     return Traced(
         fn,
-        in_shardings=(state_shardings,  # the state stays where it lives: no resharding per step
-                      batch_shardings(mesh)),  # rows split over (data, fsdp)
+        in_shardings=(
+            state_shardings,  # the state stays where it lives: no resharding per step
+            batch_shardings(mesh),
+        ),  # rows split over (data, fsdp)
         out_shardings=(state_shardings, replicated(mesh)),  # metrics are scalars, replicated
         donate_argnums=(0,),  # the old state's buffers become the new state's: no second copy
     )
@@ -64,5 +76,6 @@ def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Traced:
 def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -> Traced:
     fn = functools.partial(step_lib.predict_step, graphdef=graphdef)
     fields = ("input_ids", "attention_mask", "token_type_ids")
-    return Traced(fn, in_shardings=(param_shardings, batch_shardings(mesh, fields)),
-                  out_shardings=mesh_lib.batch_sharding(mesh))
+    return Traced(
+        fn, in_shardings=(param_shardings, batch_shardings(mesh, fields)), out_shardings=mesh_lib.batch_sharding(mesh)
+    )

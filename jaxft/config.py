@@ -130,7 +130,7 @@ class Config:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
-    def replace(self, **sections: Any) -> "Config":
+    def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
 
 
@@ -141,10 +141,23 @@ _CHOICES = {
     "optim.name": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
-_POSITIVE = ("train.max_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every_steps",
-             "train.eval_batch_size", "data.max_length", "checkpoint.keep")
-_NON_NEGATIVE = ("train.eval_every_steps", "checkpoint.every_steps", "optim.warmup_steps",
-                 "freeze.unfreeze_every_steps", "optim.clip_grad_norm", "optim.weight_decay")
+_POSITIVE = (
+    "train.max_steps",
+    "train.batch_size",
+    "train.grad_accum_steps",
+    "train.log_every_steps",
+    "train.eval_batch_size",
+    "data.max_length",
+    "checkpoint.keep",
+)
+_NON_NEGATIVE = (
+    "train.eval_every_steps",
+    "checkpoint.every_steps",
+    "optim.warmup_steps",
+    "freeze.unfreeze_every_steps",
+    "optim.clip_grad_norm",
+    "optim.weight_decay",
+)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -215,9 +228,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         section = getattr(cfg, section_name)
         types_ = _field_types(type(section))
         if field not in types_:
-            raise ConfigError(
-                f"unknown config key {key!r}; {section_name} has: {', '.join(sorted(types_))}"
-            )
+            raise ConfigError(f"unknown config key {key!r}; {section_name} has: {', '.join(sorted(types_))}")
         value = _coerce(key, raw, types_[field])
         cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{field: value})})
     return cfg
@@ -314,7 +325,19 @@ def _from_json(v: Any) -> Any:
 
 
 __all__ = [
-    "Config", "ModelConfig", "LoadConfig", "MeshConfig", "FreezeConfig", "OptimConfig", "TrainConfig",
-    "DataConfig", "CheckpointConfig", "ConfigError", "load_config", "apply_overrides", "validate",
-    "to_dict", "from_dict",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FreezeConfig",
+    "LoadConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_dict",
+    "load_config",
+    "to_dict",
+    "validate",
 ]

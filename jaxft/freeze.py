@@ -46,9 +46,13 @@ class FreezePlan:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"rules": [list(r) for r in self.rules],
-                "params": {p: {"rule": i, "trainable": self.is_trainable(p), "lr_multiplier": self.lr_multiplier(p)}
-                           for p, i in self.rule_of.items()}}
+        return {
+            "rules": [list(r) for r in self.rules],
+            "params": {
+                p: {"rule": i, "trainable": self.is_trainable(p), "lr_multiplier": self.lr_multiplier(p)}
+                for p, i in self.rule_of.items()
+            },
+        }
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -57,8 +57,17 @@ def _download_from_hub(repo_id: str) -> Path:
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
 
-    patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "flax_model.msgpack",
-                "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "sentencepiece*"]
+    patterns = [
+        "config.json",
+        "*.safetensors",
+        "model.safetensors.index.json",
+        "flax_model.msgpack",
+        "tokenizer*",
+        "vocab*",
+        "merges.txt",
+        "special_tokens_map.json",
+        "sentencepiece*",
+    ]
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except hub_errors.LocalEntryNotFoundError:
@@ -84,8 +93,7 @@ def read_hf_config(folder: Path) -> dict[str, Any]:
 class TensorSource:
     """Read-only view of a checkpoint's tensors: names, shapes, and one tensor at a time."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray],
-                 files: list[Path]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], read: Callable[[str], np.ndarray], files: list[Path]):
         self.shapes = shapes
         self._read = read
         self.files = files
@@ -97,33 +105,32 @@ class TensorSource:
 def open_checkpoint(folder: Path) -> TensorSource:
     """Opens model.safetensors, a sharded safetensors index, or flax_model.msgpack, in that order."""
     if (folder / "model.safetensors").is_file():
-        return _open_safetensors({None: folder / "model.safetensors"})
+        return _open_safetensors([folder / "model.safetensors"])
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = {name: folder / name for name in sorted(set(weight_map.values()))}
-        for f in files.values():
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: listed in {index.name} but missing")
-        return _open_safetensors(files, weight_map)
+        return _open_safetensors(files)
     if (folder / "flax_model.msgpack").is_file():
         return _open_flax_msgpack(folder / "flax_model.msgpack")
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or flax_model.msgpack")
 
 
-def _open_safetensors(files: dict[str | None, Path], weight_map: dict[str, str] | None = None) -> TensorSource:
+def _open_safetensors(files: list[Path]) -> TensorSource:
     from safetensors import SafetensorError, safe_open
 
     handles, shapes, owner = {}, {}, {}
-    for name, path in files.items():
+    for path in files:
         try:
             size = path.stat().st_size
             handle = safe_open(str(path), framework="numpy")
             keys = list(handle.keys())
-            end = 0
             for k in keys:
                 sl = handle.get_slice(k)
                 shapes[bert_hf.normalize_key(k)] = tuple(sl.get_shape())
@@ -143,7 +150,7 @@ def _open_safetensors(files: dict[str | None, Path], weight_map: dict[str, str] 
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read tensor {raw_key!r} ({e})") from None
 
-    return TensorSource(shapes, read, list(files.values()))
+    return TensorSource(shapes, read, list(files))
 
 
 def _safetensors_data_end(path: Path) -> int:
@@ -193,8 +200,13 @@ def hash_files(files: list[Path]) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ merge
 
 
-def plan_merge(param_shapes: dict[str, tuple[int, ...]], source: TensorSource, prefix: str,
-               new_params: tuple[str, ...], ignore_unused: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+def plan_merge(
+    param_shapes: dict[str, tuple[int, ...]],
+    source: TensorSource,
+    prefix: str,
+    new_params: tuple[str, ...],
+    ignore_unused: tuple[str, ...],
+) -> dict[str, tuple[str, str]]:
     """Matches every parameter to a checkpoint tensor; raises one error listing every problem.
 
     Returns {param path: (hf key, kind)} for the parameters to load. Parameters on `new_params` that the
@@ -234,8 +246,13 @@ def plan_merge(param_shapes: dict[str, tuple[int, ...]], source: TensorSource, p
     return plan
 
 
-def iter_placed(plan: dict[str, tuple[str, str]], source: TensorSource, param_shapes: dict[str, tuple[int, ...]],
-                shardings: dict[str, jax.sharding.Sharding], dtypes: dict[str, Any]) -> Iterator[tuple[str, jax.Array]]:
+def iter_placed(
+    plan: dict[str, tuple[str, str]],
+    source: TensorSource,
+    param_shapes: dict[str, tuple[int, ...]],
+    shardings: dict[str, jax.sharding.Sharding],
+    dtypes: dict[str, Any],
+) -> Iterator[tuple[str, jax.Array]]:
     """Yields (path, global array) one tensor at a time, each built only from its addressable shards."""
     for path, (key, kind) in plan.items():
         host = bert_hf.to_jaxft(kind, source.get(key), param_shapes[path]).astype(dtypes[path], copy=False)
@@ -245,13 +262,18 @@ def iter_placed(plan: dict[str, tuple[str, str]], source: TensorSource, param_sh
 
 
 def source_identity(folder: Path, source: TensorSource) -> dict[str, Any]:
-    return {"path": str(folder), "files": hash_files(source.files) if os.environ.get("JAXFT_HASH", "1") != "0"
-            else {}}
+    return {"path": str(folder), "files": hash_files(source.files) if os.environ.get("JAXFT_HASH", "1") != "0" else {}}
 
 
-def load_pretrained(folder: Path, abstract_params: Any, prefix: str, shardings: dict[str, jax.sharding.Sharding],
-                    new_params: tuple[str, ...], ignore_unused: tuple[str, ...],
-                    init_fresh: Callable[[set[str]], dict[str, jax.Array]]) -> tuple[Any, dict[str, Any]]:
+def load_pretrained(
+    folder: Path,
+    abstract_params: Any,
+    prefix: str,
+    shardings: dict[str, jax.sharding.Sharding],
+    new_params: tuple[str, ...],
+    ignore_unused: tuple[str, ...],
+    init_fresh: Callable[[set[str]], dict[str, jax.Array]],
+) -> tuple[Any, dict[str, Any]]:
     """Merges a checkpoint into the abstract parameter State: a State of sharded arrays, and the source identity.
 
     `init_fresh(paths)` makes initial values for parameters on `new_params` that the checkpoint lacks.

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,11 +59,16 @@ class Progress:
             if "loss" in record:
                 self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
             if "eval_accuracy" in record:
-                self.bar.write(f"step {record['step']}: eval_loss={record['eval_loss']:.4f} "
-                               f"eval_accuracy={record['eval_accuracy']:.4f}")
+                self.bar.write(
+                    f"step {record['step']}: eval_loss={record['eval_loss']:.4f} "
+                    f"eval_accuracy={record['eval_accuracy']:.4f}"
+                )
         elif self.main:
-            parts = [f"{k}={record[k]:.4g}" for k in ("loss", "learning_rate", "tokens_per_sec", "eval_loss",
-                                                       "eval_accuracy") if k in record]
+            parts = [
+                f"{k}={record[k]:.4g}"
+                for k in ("loss", "learning_rate", "tokens_per_sec", "eval_loss", "eval_accuracy")
+                if k in record
+            ]
             print(f"step {record['step']}: " + " ".join(parts), flush=True)
 
     def close(self) -> None:

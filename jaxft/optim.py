@@ -30,24 +30,30 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def build_optimizer(cfg: OptimConfig, schedule: optax.Schedule, lr_multipliers: Any | None = None
-                    ) -> optax.GradientTransformation:
+def build_optimizer(
+    cfg: OptimConfig, schedule: optax.Schedule, lr_multipliers: Any | None = None
+) -> optax.GradientTransformation:
     """clip → optimizer(schedule) → per-parameter LR multipliers (layer-wise decay, freeze-rule factors)."""
     parts = []
     if cfg.clip_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
     if cfg.name == "adamw":
-        parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                                 mask=_decay_mask))
+        parts.append(
+            optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
+        )
     elif cfg.name == "sgd":
         parts.append(optax.sgd(schedule, momentum=cfg.momentum or None))
         if cfg.weight_decay:
             parts.insert(-1, optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask))
     else:
-        parts.append(optax.adafactor(learning_rate=schedule, weight_decay_rate=cfg.weight_decay or None,
-                                     weight_decay_mask=_decay_mask))
+        parts.append(
+            optax.adafactor(
+                learning_rate=schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=_decay_mask
+            )
+        )
     if lr_multipliers is not None and any(m != 1.0 for m in jax.tree.leaves(lr_multipliers)):
         # The final update is -lr·direction, so scaling it by m is the same as training at lr·m.
-        parts.append(optax.stateless(lambda updates, params=None: jax.tree.map(
-            lambda u, m: u * m, updates, lr_multipliers)))
+        parts.append(
+            optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, lr_multipliers))
+        )
     return optax.chain(*parts)

@@ -30,8 +30,9 @@ def compile_patterns(patterns: Iterable[str], what: str) -> list[re.Pattern]:
     return out
 
 
-def match_first(paths: Sequence[str], patterns: Sequence[str], what: str,
-                require_cover: bool = True, require_used: bool = True) -> dict[str, int | None]:
+def match_first(
+    paths: Sequence[str], patterns: Sequence[str], what: str, require_cover: bool = True, require_used: bool = True
+) -> dict[str, int | None]:
     """Maps each path to the index of the first pattern that fully matches it.
 
     Raises RuleError listing every uncovered path (when require_cover) or every pattern that matched

@@ -43,9 +43,11 @@ def describe_plan(cfg: Config) -> str:
     shapes = {path_str(p): tuple(v.shape) for p, v in abstract.flat_state()}
     plan = freeze.build_freeze_plan(shapes, cfg.freeze.rules)
     trainable_paths = set(plan.trainable_paths)
-    lines = [f"mesh: data={m.shape['data']} fsdp={m.shape['fsdp']} tensor={m.shape['tensor']} "
-             f"({m.devices.size} devices)", "",
-             f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<28} {'status':<10} rule"]
+    lines = [
+        f"mesh: data={m.shape['data']} fsdp={m.shape['fsdp']} tensor={m.shape['tensor']} ({m.devices.size} devices)",
+        "",
+        f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<28} {'status':<10} rule",
+    ]
     totals = {"params": 0, "grads": 0}
     for p, v in abstract.flat_state():
         name = path_str(p)
@@ -55,8 +57,10 @@ def describe_plan(cfg: Config) -> str:
         nbytes = _shard_bytes(v.shape, v.dtype, specs[name], m)
         totals["params"] += nbytes
         totals["grads"] += nbytes if name in trainable_paths else 0
-        lines.append(f"{name:<48} {str(list(v.shape)):<16} {str(v.dtype):<8} {str(specs[name]):<28} "
-                     f"{status:<10} {plan.rule_of[name]}: {plan.rules[plan.rule_of[name]][0]}")
+        lines.append(
+            f"{name:<48} {list(v.shape)!s:<16} {v.dtype!s:<8} {specs[name]!s:<28} "
+            f"{status:<10} {plan.rule_of[name]}: {plan.rules[plan.rule_of[name]][0]}"
+        )
     trainable, _ = split_params((None, abstract), trainable_paths)
     tx = optim.build_optimizer(cfg.optim, optim.build_schedule(cfg.optim, cfg.train.max_steps))
     opt_abstract = jax.eval_shape(tx.init, trainable)
@@ -64,7 +68,8 @@ def describe_plan(cfg: Config) -> str:
     opt_shardings = sharding.shard_like_params(opt_abstract, trainable, shardings, m)
     totals["optimizer"] = sum(
         _shard_bytes(x.shape, x.dtype, s.spec, m)
-        for x, s in zip(jax.tree.leaves(opt_abstract), jax.tree.leaves(opt_shardings)))
+        for x, s in zip(jax.tree.leaves(opt_abstract), jax.tree.leaves(opt_shardings))
+    )
     lines += ["", plan.report(), "", "per-device memory (largest shard per device):"]
     for k in ("params", "grads", "optimizer"):
         lines.append(f"  {k:<10} {_fmt(totals[k])}")

@@ -39,8 +39,9 @@ def load_run_model(run_dir: Path, step: int | None = None):
     return graphdef, params, meta, m, step
 
 
-def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 32,
-                 step: int | None = None) -> int:
+def predict_file(
+    run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 32, step: int | None = None
+) -> int:
     """Writes each input line with `label` and `probs` added; the output appears only when complete."""
     read_run(run_dir)  # fail on a wrong run dir before reading anything else
     if output_path.resolve() == input_path.resolve():
@@ -48,7 +49,7 @@ def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size:
     records = [r for _, r in read_records(input_path)]
     for i, r in enumerate(records, start=1):
         if not isinstance(r.get("text"), str):
-            raise DataError(f"{input_path}:{i}: each line needs a string \"text\" field")
+            raise DataError(f'{input_path}:{i}: each line needs a string "text" field')
     if not records:
         raise DataError(f"{input_path}: no input lines")
     graphdef, params, meta, m, _ = load_run_model(run_dir, step)
@@ -62,10 +63,16 @@ def predict_file(run_dir: Path, input_path: Path, output_path: Path, batch_size:
     labels = meta["label_names"]
     probs_all = []
     for start in range(0, len(records), batch_size):
-        texts = [r["text"] for r in records[start:start + batch_size]]
+        texts = [r["text"] for r in records[start : start + batch_size]]
         pad = batch_size - len(texts)
-        enc = tokenizer(texts + [""] * pad, padding="max_length", truncation=True, max_length=max_length,
-                        return_tensors="np", return_token_type_ids=True)
+        enc = tokenizer(
+            texts + [""] * pad,
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="np",
+            return_token_type_ids=True,
+        )
         batch = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
         probs = np.asarray(jax.device_get(fn(params, mesh.make_global_batch(batch, m))))
         probs_all.extend(probs[: len(texts)])

@@ -48,22 +48,32 @@ def infer_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> dict[str, 
     return sharding.named(sharding.infer_param_specs(abstract_params, rules, mesh), mesh)
 
 
-def load_pretrained(model_cfg: ModelConfig, load_cfg: LoadConfig, mesh: Mesh, rules, num_labels: int = 0,
-                    seed: int = 0) -> Pretrained:
+def load_pretrained(
+    model_cfg: ModelConfig, load_cfg: LoadConfig, mesh: Mesh, rules, num_labels: int = 0, seed: int = 0
+) -> Pretrained:
     folder, hf, spec = read_spec(model_cfg, num_labels)
     graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype)
     shardings = infer_shardings(abstract_params, mesh, rules)
     params, source = load_io.load_pretrained(
-        folder, abstract_params, bert_hf.body_prefix(spec, hf.get("model_type", "bert")), shardings,
-        load_cfg.new_params, load_cfg.ignore_unused,
+        folder,
+        abstract_params,
+        bert_hf.body_prefix(spec, hf.get("model_type", "bert")),
+        shardings,
+        load_cfg.new_params,
+        load_cfg.ignore_unused,
         lambda wanted: models.init_params(spec, model_cfg.param_dtype, wanted, shardings, seed),
     )
     return Pretrained(folder, hf, spec, graphdef, params, shardings, source)
 
 
-def load(path_or_hub_id: str, task: str = "sequence-classification", num_labels: int = 0,
-         dtype: Any = "float32", mesh: Mesh | None = None, new_params: tuple[str, ...] | None = None
-         ) -> models.BertModel:
+def load(
+    path_or_hub_id: str,
+    task: str = "sequence-classification",
+    num_labels: int = 0,
+    dtype: Any = "float32",
+    mesh: Mesh | None = None,
+    new_params: tuple[str, ...] | None = None,
+) -> models.BertModel:
     """The NNX model with pretrained weights; `model(input_ids=..., attention_mask=..., token_type_ids=...)`.
 
     dtype is the compute dtype (parameters stay fp32). With no mesh, parameters are replicated over all

@@ -96,7 +96,9 @@ def shard_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) 
         if is_param_tree(node):
             return jax.tree.map(
                 lambda leaf, p, s: s if tuple(leaf.shape) == tuple(p.shape) else replicated(mesh),
-                node, params, param_shardings,
+                node,
+                params,
+                param_shardings,
             )
         return replicated(mesh)
 

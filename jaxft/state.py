@@ -26,8 +26,9 @@ class TrainState:
     rng: jax.Array  # base dropout key; step keys are fold_in(rng, step), so a resume replays them exactly
 
 
-def split_params(graphdef_and_params: tuple[nnx.GraphDef, nnx.State], trainable_paths: set[str]
-                 ) -> tuple[nnx.State, nnx.State]:
+def split_params(
+    graphdef_and_params: tuple[nnx.GraphDef, nnx.State], trainable_paths: set[str]
+) -> tuple[nnx.State, nnx.State]:
     """(trainable, frozen) partitions of a parameter State."""
     _, params = graphdef_and_params
     flat = list(params.flat_state())
@@ -40,27 +41,44 @@ def merge_params(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
     return nnx.merge_state(trainable, frozen)
 
 
-def create_state(trainable: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, seed: int,
-                 opt_state_shardings: Any, replicated: jax.sharding.Sharding) -> TrainState:
+def create_state(
+    trainable: nnx.State,
+    frozen: nnx.State,
+    tx: optax.GradientTransformation,
+    seed: int,
+    opt_state_shardings: Any,
+    replicated: jax.sharding.Sharding,
+) -> TrainState:
     """A fresh state: the optimizer state is created directly in its shardings, scalars replicated."""
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings)(trainable)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable=trainable,
-                      frozen=frozen, opt_state=opt_state,
-                      rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        trainable=trainable,
+        frozen=frozen,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
+    )
 
 
 def abstract_opt_state(tx: optax.GradientTransformation, abstract_trainable: nnx.State) -> Any:
     return jax.eval_shape(tx.init, abstract_trainable)
 
 
-def state_shardings(state_like: TrainState, trainable_shardings: nnx.State, frozen_shardings: nnx.State,
-                    opt_shardings: Any, replicated: Any) -> TrainState:
-    return TrainState(step=replicated, trainable=trainable_shardings, frozen=frozen_shardings,
-                      opt_state=opt_shardings, rng=replicated)
+def state_shardings(
+    state_like: TrainState,
+    trainable_shardings: nnx.State,
+    frozen_shardings: nnx.State,
+    opt_shardings: Any,
+    replicated: Any,
+) -> TrainState:
+    return TrainState(
+        step=replicated, trainable=trainable_shardings, frozen=frozen_shardings, opt_state=opt_shardings, rng=replicated
+    )
 
 
-def repartition(state: TrainState, new_trainable_paths: set[str], tx: optax.GradientTransformation,
-                opt_state_shardings: Any) -> TrainState:
+def repartition(
+    state: TrainState, new_trainable_paths: set[str], tx: optax.GradientTransformation, opt_state_shardings: Any
+) -> TrainState:
     """Moves parameters between partitions (gradual unfreezing). Parameters already training keep their
     optimizer statistics; newly trained ones start from a fresh optimizer state."""
     all_params = merge_params(state.trainable, state.frozen)
@@ -77,6 +95,6 @@ def repartition(state: TrainState, new_trainable_paths: set[str], tx: optax.Grad
             return nnx.from_flat_state(flat)
         return old_node if jax.tree.structure(old_node) == jax.tree.structure(new_node) else new_node
 
-    is_node = lambda x: isinstance(x, nnx.State)  # noqa: E731
+    is_node = lambda x: isinstance(x, nnx.State)
     opt_state = jax.tree.map(carry, new_opt, old_opt, is_leaf=is_node)
     return state.replace(trainable=trainable, frozen=frozen, opt_state=opt_state)

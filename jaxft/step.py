@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,8 +12,9 @@ from jaxft.state import TrainState
 IGNORE = -100  # label value of tokens that carry no loss (padding, sub-word continuations)
 
 
-def model_logits(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array],
-                 dropout_rng: jax.Array | None) -> jax.Array:
+def model_logits(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array], dropout_rng: jax.Array | None
+) -> jax.Array:
     model = nnx.merge(graphdef, params)
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_rng=dropout_rng)
 
@@ -43,9 +42,15 @@ def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
     return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef,
-               tx: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    microbatches: int,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; gradients of the trainable partition only, accumulated over microbatches."""
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grad_fn = jax.value_and_grad(_loss_of_trainable, has_aux=True)
@@ -53,8 +58,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     def accumulate(carry, xs):
         grads_sum, stats_sum = carry
         micro, index = xs
-        (_, stats), grads = grad_fn(state.trainable, state.frozen, graphdef, micro,
-                                    jax.random.fold_in(step_rng, index))
+        (_, stats), grads = grad_fn(state.trainable, state.frozen, graphdef, micro, jax.random.fold_in(step_rng, index))
         # Sum of per-token gradients weighted by token counts, so microbatching equals one big batch.
         grads = jax.tree.map(lambda g: g * stats["count"], grads)
         return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, stats_sum, stats)), None
@@ -65,8 +69,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     if microbatches == 1:
         (grads, stats), _ = accumulate((zeros, zero_stats), (batch, 0))
     else:
-        (grads, stats), _ = jax.lax.scan(accumulate, (zeros, zero_stats),
-                                         (_microbatches(batch, microbatches), jnp.arange(microbatches)))
+        (grads, stats), _ = jax.lax.scan(
+            accumulate, (zeros, zero_stats), (_microbatches(batch, microbatches), jnp.arange(microbatches))
+        )
     count = jnp.maximum(stats["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
@@ -81,8 +86,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
-def eval_step(trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *,
-              graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+def eval_step(
+    trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+) -> dict[str, jax.Array]:
     """Sums (loss, correct, count) over one eval batch; the loop adds them up across batches."""
     _, stats = _loss_of_trainable(trainable, frozen, graphdef, batch, None)
     return stats

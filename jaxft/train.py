@@ -34,8 +34,7 @@ def check_run_dir(run_dir: Path) -> None:
     """A run dir with checkpoints belongs to an earlier run; never write over it."""
     ckpts = run_dir / "checkpoints"
     if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
-        raise checkpoint.RunCheckpointError(
-            f"{run_dir}: run dir already holds checkpoints; pass a new --run-dir")
+        raise checkpoint.RunCheckpointError(f"{run_dir}: run dir already holds checkpoints; pass a new --run-dir")
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -81,8 +80,7 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
     sources = pipeline.open_sources(cfg.data)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, len(sources.label_names),
-                                     cfg.train.seed)
+    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, len(sources.label_names), cfg.train.seed)
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
     groups = freeze.unfreeze_groups(plan, pre.spec.num_layers)
@@ -104,8 +102,9 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
 
     def jitted(state_: TrainState):
         if steps["fn"] is None:
-            steps["fn"] = compile.jit_train_step(graphdef, steps["tx"], schedule, cfg.train.grad_accum_steps,
-                                                 shardings_of(state_), m)
+            steps["fn"] = compile.jit_train_step(
+                graphdef, steps["tx"], schedule, cfg.train.grad_accum_steps, shardings_of(state_), m
+            )
             steps["traces_before"] = steps.get("traces_total", 0)
         return steps["fn"]
 
@@ -137,8 +136,13 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
         write_metrics=writer.write,
         before_step=before_step,
     )
-    cadence = loop.Cadence(cfg.train.max_steps, cfg.train.log_every_steps, cfg.train.eval_every_steps,
-                           cfg.checkpoint.every_steps, cfg.train.batch_size * cfg.data.max_length)
+    cadence = loop.Cadence(
+        cfg.train.max_steps,
+        cfg.train.log_every_steps,
+        cfg.train.eval_every_steps,
+        cfg.checkpoint.every_steps,
+        cfg.train.batch_size * cfg.data.max_length,
+    )
     state, eval_metrics = loop.run_loop(state, 0, cadence, hooks)
     manager.wait_until_finished()
     manager.close()
@@ -162,8 +166,9 @@ def _metrics_writer(run_dir: Path):
     return MetricsWriter(run_dir)
 
 
-def run_metadata(cfg: Config, plan: freeze.FreezePlan, pre: pretrained.Pretrained, sources: pipeline.Sources,
-                 active: set[str]) -> dict[str, Any]:
+def run_metadata(
+    cfg: Config, plan: freeze.FreezePlan, pre: pretrained.Pretrained, sources: pipeline.Sources, active: set[str]
+) -> dict[str, Any]:
     """What a run dir needs to be understood without its config file: predict, eval, export read it."""
     return {
         "config": _jsonable(to_dict(cfg)),

@@ -13,13 +13,26 @@ from jaxft import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "minilm_sentiment.py")
-TINY = ["train.max_steps=4", "train.batch_size=16", "data.max_length=32", "train.eval_every_steps=2",
-        "checkpoint.every_steps=2", "train.log_every_steps=1", "train.eval_batch_size=64"]
+TINY = [
+    "train.max_steps=4",
+    "train.batch_size=16",
+    "data.max_length=32",
+    "train.eval_every_steps=2",
+    "checkpoint.every_steps=2",
+    "train.log_every_steps=1",
+    "train.eval_batch_size=64",
+]
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "jaxft.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxft.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 def test_demo_config_end_to_end_then_predict_and_plan(tmp_path, data_dir):
@@ -81,15 +94,21 @@ def test_unknown_key_and_wrong_type(capsys):
 
 
 def test_checkpoint_path_that_does_not_exist(tmp_path, capsys, data_dir):
-    _one_line_error(["train", DEMO, "--run-dir", str(tmp_path / "r"), "model.source=/no/such/ckpt"], capsys,
-                    "/no/such/ckpt: checkpoint path does not exist")
+    _one_line_error(
+        ["train", DEMO, "--run-dir", str(tmp_path / "r"), "model.source=/no/such/ckpt"],
+        capsys,
+        "/no/such/ckpt: checkpoint path does not exist",
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_hub_id_offline_is_a_clear_error(tmp_path, capsys, data_dir, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    _one_line_error(["train", DEMO, "--run-dir", str(tmp_path / "r"), "model.source=someorg/some-bert"], capsys,
-                    "hub is unreachable")
+    _one_line_error(
+        ["train", DEMO, "--run-dir", str(tmp_path / "r"), "model.source=someorg/some-bert"],
+        capsys,
+        "hub is unreachable",
+    )
 
 
 def test_corrupted_safetensors_names_the_file(tmp_path, capsys, tiny_bert, data_dir):
@@ -97,12 +116,14 @@ def test_corrupted_safetensors_names_the_file(tmp_path, capsys, tiny_bert, data_
     shutil.copytree(tiny_bert, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    line = _one_line_error(["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={bad}"], capsys,
-                           "model.safetensors")
+    line = _one_line_error(
+        ["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={bad}"], capsys, "model.safetensors"
+    )
     assert "truncated" in line or "corrupted" in line
     (bad / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    _one_line_error(["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={bad}"], capsys,
-                    "model.safetensors")
+    _one_line_error(
+        ["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={bad}"], capsys, "model.safetensors"
+    )
 
 
 def test_corrupted_safetensors_through_python_api(tmp_path, tiny_bert):
@@ -123,22 +144,25 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys, tiny_bert, data_di
     cfg = json.loads((other / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (other / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={other}"], capsys,
-                    "model_type 'gpt2' is not a BERT-family encoder")
+    _one_line_error(
+        ["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={other}"],
+        capsys,
+        "model_type 'gpt2' is not a BERT-family encoder",
+    )
 
 
 def test_mis_shaped_and_missing_keys_are_listed_together(tmp_path, tiny_bert):
     from safetensors.numpy import load_file, save_file
 
-    from jaxft.load import CheckpointError
-
     import jaxft
+    from jaxft.load import CheckpointError
 
     bad = tmp_path / "shapes"
     shutil.copytree(tiny_bert, bad)
     tensors = load_file(str(bad / "model.safetensors"))
     tensors["bert.encoder.layer.0.intermediate.dense.weight"] = tensors[
-        "bert.encoder.layer.0.intermediate.dense.weight"][:10]
+        "bert.encoder.layer.0.intermediate.dense.weight"
+    ][:10]
     del tensors["bert.pooler.dense.bias"]
     tensors["bert.extra.weight"] = tensors["bert.pooler.dense.weight"]
     save_file(tensors, str(bad / "model.safetensors"))
@@ -157,15 +181,19 @@ def test_empty_dataset_label_not_in_set_and_indivisible_batch(tmp_path, capsys, 
     _one_line_error(base + ["data.dataset=files", f"data.train_files={empty}"], capsys, "empty")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine", "label": "positive"}\n{"text": "hmm", "label": "neutral"}\n')
-    _one_line_error(base + ["data.dataset=files", f"data.train_files={bad}", "data.label_names=negative,positive"],
-                    capsys, "label 'neutral' is not in the label set")
+    _one_line_error(
+        base + ["data.dataset=files", f"data.train_files={bad}", "data.label_names=negative,positive"],
+        capsys,
+        "label 'neutral' is not in the label set",
+    )
     _one_line_error(base + ["train.batch_size=12"], capsys, "train.batch_size: 12")
     assert not (tmp_path / "r").exists()
 
 
 def test_predict_errors(tmp_path, capsys):
-    _one_line_error(["predict", str(tmp_path), "--input", "x.jsonl", "--output", "y.jsonl"], capsys,
-                    "not a jaxft run dir")
+    _one_line_error(
+        ["predict", str(tmp_path), "--input", "x.jsonl", "--output", "y.jsonl"], capsys, "not a jaxft run dir"
+    )
 
 
 def test_cli_error_has_no_traceback_in_a_real_process(tmp_path):

@@ -23,8 +23,14 @@ def test_files_builder_jsonl_and_csv_with_custom_columns(tmp_path, data_dir, min
     train = _write_jsonl(tmp_path / "train.jsonl", _rows(30))
     csv_path = tmp_path / "eval.csv"
     csv_path.write_text("review,stars\n" + "".join(f"eval text {i},{['bad', 'good'][i % 2]}\n" for i in range(7)))
-    cfg = DataConfig(dataset="files", train_files=(str(train),), eval_files=(str(csv_path),),
-                     text_column="review", label_column="stars", max_length=16)
+    cfg = DataConfig(
+        dataset="files",
+        train_files=(str(train),),
+        eval_files=(str(csv_path),),
+        text_column="review",
+        label_column="stars",
+        max_length=16,
+    )
     src = pipeline.open_sources(cfg)
     assert src.label_names == ("bad", "good", "ok")
     assert len(src.train) == 30 and len(src.eval) == 7

@@ -65,8 +65,13 @@ def test_report_lists_each_rule_with_counts():
 
 def test_layerwise_lr_decay_rules():
     rules = freeze.layerwise_lr_decay(0.5, 2)
-    shapes = {"embeddings/word/embedding": (1,), "encoder/layers/0/up/kernel": (1,),
-              "encoder/layers/1/up/kernel": (1,), "classifier/kernel": (1,), "pooler/dense/kernel": (1,)}
+    shapes = {
+        "embeddings/word/embedding": (1,),
+        "encoder/layers/0/up/kernel": (1,),
+        "encoder/layers/1/up/kernel": (1,),
+        "classifier/kernel": (1,),
+        "pooler/dense/kernel": (1,),
+    }
     plan = freeze.build_freeze_plan(shapes, rules)
     assert plan.lr_multiplier("classifier/kernel") == 1.0
     assert plan.lr_multiplier("encoder/layers/1/up/kernel") == 0.5
@@ -75,12 +80,20 @@ def test_layerwise_lr_decay_rules():
 
 
 def test_gradual_unfreezing_groups_top_down():
-    shapes = {"embeddings/word/embedding": (1,), "encoder/layers/0/up/kernel": (1,),
-              "encoder/layers/1/up/kernel": (1,), "classifier/kernel": (1,)}
+    shapes = {
+        "embeddings/word/embedding": (1,),
+        "encoder/layers/0/up/kernel": (1,),
+        "encoder/layers/1/up/kernel": (1,),
+        "classifier/kernel": (1,),
+    }
     plan = freeze.build_freeze_plan(shapes, [(r".*", "train")])
     groups = freeze.unfreeze_groups(plan, 2)
-    assert groups == [["classifier/kernel"], ["encoder/layers/1/up/kernel"], ["encoder/layers/0/up/kernel"],
-                      ["embeddings/word/embedding"]]
+    assert groups == [
+        ["classifier/kernel"],
+        ["encoder/layers/1/up/kernel"],
+        ["encoder/layers/0/up/kernel"],
+        ["embeddings/word/embedding"],
+    ]
     assert freeze.active_paths(groups, 0, 10) == {"classifier/kernel"}
     assert freeze.active_paths(groups, 10, 10) == {"classifier/kernel", "encoder/layers/1/up/kernel"}
     assert len(freeze.active_paths(groups, 1000, 10)) == 4

@@ -28,8 +28,9 @@ def _torch_logits(model, enc):
 def test_minilm_matches_pytorch_bert_for_sequence_classification(minilm):
     model = jaxft.load(str(minilm), num_labels=3)
     enc = _encode(minilm)
-    ours = np.asarray(model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                            token_type_ids=enc["token_type_ids"]))
+    ours = np.asarray(
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], token_type_ids=enc["token_type_ids"])
+    )
     ref = BertForSequenceClassification.from_pretrained(str(minilm), num_labels=3).eval()
     with torch.no_grad():  # same (fresh) head weights on both sides
         ref.classifier.weight.copy_(torch.tensor(np.asarray(model.classifier.kernel[...]).T))

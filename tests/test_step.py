@@ -56,8 +56,7 @@ def test_dropout_uses_the_rng_and_is_reproducible(tiny_bert):
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor"])
 def test_each_optimizer_trains(tiny_bert, name):
-    cfg = OptimConfig(name=name, learning_rate=5e-2 if name != "adamw" else 3e-3, schedule="constant",
-                      warmup_steps=0)
+    cfg = OptimConfig(name=name, learning_rate=5e-2 if name != "adamw" else 3e-3, schedule="constant", warmup_steps=0)
     s = make_setup(tiny_bert, optim_cfg=cfg, dropout_rate=0.0)
     state, batch = s["state"], mesh.make_global_batch(random_batch(), s["mesh"])
     losses = []
@@ -88,8 +87,9 @@ def test_schedules_warmup_then_decay():
 
 
 def test_clipping_bounds_the_update():
-    tx = optim.build_optimizer(OptimConfig(name="sgd", momentum=0.0, clip_grad_norm=1.0, weight_decay=0.0),
-                               optax.constant_schedule(1.0))
+    tx = optim.build_optimizer(
+        OptimConfig(name="sgd", momentum=0.0, clip_grad_norm=1.0, weight_decay=0.0), optax.constant_schedule(1.0)
+    )
     params = {"w": jax.numpy.zeros((4,))}
     updates, _ = tx.update({"w": jax.numpy.full((4,), 100.0)}, tx.init(params), params)
     assert float(optax.global_norm(updates)) == pytest.approx(1.0, rel=1e-5)

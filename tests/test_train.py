@@ -5,7 +5,15 @@ import json
 import jax
 import numpy as np
 
-from jaxft.config import CheckpointConfig, Config, DataConfig, FreezeConfig, MeshConfig, ModelConfig, TrainConfig
+from jaxft.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    FreezeConfig,
+    MeshConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from jaxft.paths import path_str
 from jaxft.predict import load_run_model
 from jaxft.train import train
@@ -16,8 +24,7 @@ def _flat(state_part):
 
 
 def _files(tmp_path):
-    rows = [{"text": f"review {i} {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
-            for i in range(40)]
+    rows = [{"text": f"review {i} {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"} for i in range(40)]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -32,8 +39,7 @@ def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path
         mesh=MeshConfig(data=8),
         freeze=FreezeConfig(rules=((r".*", "train"),), unfreeze_every_steps=2),
         train=TrainConfig(max_steps=3, batch_size=8, eval_every_steps=0, log_every_steps=1, eval_batch_size=8),
-        data=DataConfig(dataset="files", train_files=(str(train_file),), eval_files=(str(train_file),),
-                        max_length=16),
+        data=DataConfig(dataset="files", train_files=(str(train_file),), eval_files=(str(train_file),), max_length=16),
         checkpoint=CheckpointConfig(every_steps=0),
     )
     result = train(cfg, tmp_path / "run")

@@ -74,8 +74,10 @@ def _examples(files: list[Path], cfg: DataConfig, labels: tuple[str, ...]) -> It
             if label not in index:
                 raise DataError(f"{f}:{i}: label {label!r} is not in the label set {list(labels)}")
             count += 1
-            yield f"{f.name}:{i}", {"text": text, "text_pair": str(rec.get(cfg.text_pair_column, "")),
-                                     "label": index[label]}
+            yield (
+                f"{f.name}:{i}",
+                {"text": text, "text_pair": str(rec.get(cfg.text_pair_column, "")), "label": index[label]},
+            )
     if count == 0:
         raise DataError(f"{', '.join(str(f) for f in files)}: dataset is empty")
 
@@ -103,11 +105,13 @@ class JaxftFiles(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="User-provided text classification files.",
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "text_pair": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=list(self.builder_config.labels)),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Text(),
+                    "text_pair": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(self.builder_config.labels)),
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):
@@ -125,8 +129,9 @@ def build_files_dataset(cfg: DataConfig, data_dir: str, splits: dict[str, list[P
     labels = tuple(cfg.label_names) or collect_labels(splits[cfg.train_split], cfg.label_column)
     if not labels:
         raise DataError(f"{', '.join(map(str, splits[cfg.train_split]))}: dataset is empty")
-    builder = JaxftFiles(config=FilesConfig(splits=splits, data=cfg, labels=labels), data_dir=data_dir,
-                         file_format="array_record")
+    builder = JaxftFiles(
+        config=FilesConfig(splits=splits, data=cfg, labels=labels), data_dir=data_dir, file_format="array_record"
+    )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return builder
 
@@ -140,16 +145,20 @@ class JaxftReviews(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "text_pair": tfds.features.Text(),
-                "label": tfds.features.ClassLabel(names=list(REVIEW_LABELS)),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "text": tfds.features.Text(),
+                    "text_pair": tfds.features.Text(),
+                    "label": tfds.features.ClassLabel(names=list(REVIEW_LABELS)),
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples(REVIEWS_DIR / "train.jsonl"),
-                "test": self._generate_examples(REVIEWS_DIR / "test.jsonl")}
+        return {
+            "train": self._generate_examples(REVIEWS_DIR / "train.jsonl"),
+            "test": self._generate_examples(REVIEWS_DIR / "test.jsonl"),
+        }
 
     def _generate_examples(self, path):
         yield from _examples([path], DataConfig(), REVIEW_LABELS)

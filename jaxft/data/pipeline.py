@@ -55,8 +55,10 @@ def open_sources(cfg: DataConfig, need_eval: bool = True) -> Sources:
         except Exception as e:  # tfds raises its own not-found types
             raise DataError(f"data.dataset: {cfg.dataset!r} is not a known tfds dataset ({e})") from None
         if not builder.is_prepared():
-            raise DataError(f"data.dataset: {cfg.dataset!r} is not prepared in array_record format under "
-                            f"{builder.data_dir} (prepare it with `tfds build --file_format=array_record`)")
+            raise DataError(
+                f"data.dataset: {cfg.dataset!r} is not prepared in array_record format under "
+                f"{builder.data_dir} (prepare it with `tfds build --file_format=array_record`)"
+            )
         text_key, pair_key, label_key = cfg.text_column, cfg.text_pair_column, cfg.label_column
     splits = builder.info.splits
     for split in [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else []):
@@ -90,8 +92,15 @@ class Encoder:
         """Encodes a batch given as columns (grain stacks records into {field: array})."""
         texts = [_text(t) for t in columns[self.s.text_key]]
         pairs = [_text(t) for t in columns[self.s.pair_key]] if self.s.pair_key else None
-        enc = self.tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=self.max_length,
-                             return_tensors="np", return_token_type_ids=True)
+        enc = self.tokenizer(
+            texts,
+            pairs,
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="np",
+            return_token_type_ids=True,
+        )
         return {
             "input_ids": enc["input_ids"].astype(np.int32),
             "attention_mask": enc["attention_mask"].astype(np.int32),
@@ -115,7 +124,7 @@ def build_train_dataset(source: Any, encoder: Encoder, global_batch: int, seed: 
         raise DataError(f"train.batch_size: {global_batch} is larger than the {len(source)} training examples")
     per_process = global_batch // jax.process_count()
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds[jax.process_index() :: jax.process_count()]
     return ds.batch(per_process, drop_remainder=True).map(encoder)
 
 
@@ -129,7 +138,7 @@ def iter_eval_batches(source: Any, encoder: Encoder, global_batch: int) -> Itera
     num_batches = -(-n // global_batch)
     mine = list(range(rank, n, procs))
     for b in range(num_batches):
-        idx = mine[b * per_process:(b + 1) * per_process]
+        idx = mine[b * per_process : (b + 1) * per_process]
         records = [source[i] for i in idx]
         pad = per_process - len(records)
         if not records:

