@@ -73,6 +73,57 @@ def evaluate_fn(eval_step, sources: pipeline.Sources, encoder: pipeline.Encoder,
     return evaluate
 
 
+class PhasedTrainStep:
+    """The jitted train step for the current freeze phase.
+
+    Without gradual unfreezing there is one phase and one compile. With it, each phase boundary moves
+    a layer group into the trainable partition, builds its optimizer and jits the step once more.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        plan: freeze.FreezePlan,
+        groups: list[list[str]],
+        graphdef: nnx.GraphDef,
+        schedule: Any,
+        m: Any,
+        meta: dict[str, Any],
+    ):
+        self.cfg, self.plan, self.groups, self.graphdef = cfg, plan, groups, graphdef
+        self.schedule, self.mesh, self.meta = schedule, m, meta
+        self.active = freeze.active_paths(groups, 0, cfg.freeze.unfreeze_every_steps)
+        self.tx: Any = None
+        self._fn: compile.Traced | None = None
+        self._traces_before = 0
+
+    @property
+    def traces(self) -> int:
+        return self._traces_before + (self._fn.traces if self._fn else 0)
+
+    def build_optimizer(self, trainable: nnx.State):
+        self.tx = optim.build_optimizer(self.cfg.optim, self.schedule, lr_multipliers(self.plan, trainable))
+        return self.tx
+
+    def enter_phase(self, state: TrainState, step: int) -> TrainState:
+        want = freeze.active_paths(self.groups, step, self.cfg.freeze.unfreeze_every_steps)
+        if want == self.active:
+            return state
+        log.info("gradual unfreezing at step %d: %d trainable tensors", step, len(want))
+        new_trainable, _ = split_params((None, nnx.merge_state(state.trainable, state.frozen)), want)
+        tx = self.build_optimizer(new_trainable)
+        self._traces_before, self._fn, self.active = self.traces, None, want
+        self.meta["trainable_paths"] = sorted(want)
+        return repartition(state, want, tx, _opt_shardings(tx, new_trainable, self.mesh))
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
+        if self._fn is None:
+            self._fn = compile.jit_train_step(
+                self.graphdef, self.tx, self.schedule, self.cfg.train.grad_accum_steps, shardings_of(state), self.mesh
+            )
+        return self._fn(state, batch)
+
+
 def train(cfg: Config, run_dir: str | Path) -> RunResult:
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
@@ -84,70 +135,40 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
     groups = freeze.unfreeze_groups(plan, pre.spec.num_layers)
-    active = freeze.active_paths(groups, 0, cfg.freeze.unfreeze_every_steps)
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
-    trainable, frozen = split_params((pre.graphdef, pre.params), active)
-    tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
+    meta: dict[str, Any] = {}
+    train_step = PhasedTrainStep(cfg, plan, groups, _configured_graphdef(pre, cfg), schedule, m, meta)
+    trainable, frozen = split_params((pre.graphdef, pre.params), train_step.active)
+    tx = train_step.build_optimizer(trainable)
     state = create_state(trainable, frozen, tx, cfg.train.seed, _opt_shardings(tx, trainable, m), replicated(m))
-    graphdef = _configured_graphdef(pre, cfg)
     encoder = pipeline.Encoder(pre.folder, cfg.data.max_length, sources)
     train_ds = pipeline.build_train_dataset(sources.train, encoder, cfg.train.batch_size, cfg.data.shuffle_seed)
     data_iter = iter(train_ds)
     prepare_run_dir(run_dir)
-    meta = run_metadata(cfg, plan, pre, sources, active)
+    meta.update(run_metadata(cfg, plan, pre, sources, train_step.active))
     (run_dir / "run.json").write_text(json.dumps(meta, indent=1))
     manager = checkpoint.build_manager(run_dir, cfg.checkpoint)
     writer = _metrics_writer(run_dir)
-    steps = {"fn": None, "active": active}
-
-    def jitted(state_: TrainState):
-        if steps["fn"] is None:
-            steps["fn"] = compile.jit_train_step(
-                graphdef, steps["tx"], schedule, cfg.train.grad_accum_steps, shardings_of(state_), m
-            )
-            steps["traces_before"] = steps.get("traces_total", 0)
-        return steps["fn"]
-
-    steps["tx"] = tx
-
-    def train_step(state_, batch):
-        fn = jitted(state_)
-        out = fn(state_, batch)
-        steps["traces_total"] = steps["traces_before"] + fn.traces
-        return out
-
-    def before_step(state_: TrainState, step: int) -> TrainState:
-        want = freeze.active_paths(groups, step, cfg.freeze.unfreeze_every_steps)
-        if want == steps["active"]:
-            return state_
-        log.info("gradual unfreezing at step %d: %d trainable tensors", step, len(want))
-        new_trainable, _ = split_params((None, nnx.merge_state(state_.trainable, state_.frozen)), want)
-        steps["tx"] = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, new_trainable))
-        steps["active"], steps["fn"] = want, None
-        meta["trainable_paths"] = sorted(want)
-        return repartition(state_, want, steps["tx"], _opt_shardings(steps["tx"], new_trainable, m))
-
-    eval_step = compile.jit_eval_step(graphdef, m)
     hooks = loop.LoopHooks(
         next_batch=lambda: mesh.make_global_batch(next(data_iter), m),
         train_step=train_step,
-        evaluate=evaluate_fn(eval_step, sources, encoder, cfg, m),
+        evaluate=evaluate_fn(compile.jit_eval_step(train_step.graphdef, m), sources, encoder, cfg, m),
         save=lambda s, metrics: checkpoint.save_checkpoint(manager, s, data_iter.get_state(), meta, metrics),
         write_metrics=writer.write,
-        before_step=before_step,
+        before_step=train_step.enter_phase,
     )
     cadence = loop.Cadence(
-        cfg.train.max_steps,
-        cfg.train.log_every_steps,
-        cfg.train.eval_every_steps,
-        cfg.checkpoint.every_steps,
-        cfg.train.batch_size * cfg.data.max_length,
+        max_steps=cfg.train.max_steps,
+        log_every=cfg.train.log_every_steps,
+        eval_every=cfg.train.eval_every_steps,
+        save_every=cfg.checkpoint.every_steps,
+        tokens_per_step=cfg.train.batch_size * cfg.data.max_length,
     )
     state, eval_metrics = loop.run_loop(state, 0, cadence, hooks)
     manager.wait_until_finished()
     manager.close()
     writer.close()
-    return RunResult(run_dir, state, eval_metrics, sources.label_names, steps.get("traces_total", 0))
+    return RunResult(run_dir, state, eval_metrics, sources.label_names, train_step.traces)
 
 
 def _configured_graphdef(pre: pretrained.Pretrained, cfg: Config) -> nnx.GraphDef:
