@@ -15,3 +15,6 @@ NORM = "norm"  # layer-norm scale/bias
 POSITIONS = "positions"
 TYPES = "types"
 LAYERS = "layers"
+
+# Label of a position that carries no loss (padding, special tokens, sub-word continuations).
+IGNORE_LABEL = -100

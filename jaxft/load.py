@@ -210,7 +210,8 @@ def plan_merge(
     """Matches every parameter to a checkpoint tensor; raises one error listing every problem.
 
     Returns {param path: (hf key, kind)} for the parameters to load. Parameters on `new_params` that the
-    checkpoint lacks keep their init (and are logged); anything else missing, unexpected or mis-shaped fails.
+    checkpoint lacks or holds in another shape keep their init (and are logged); anything else missing,
+    unexpected or mis-shaped fails.
     """
     keys = dict(source.shapes)
     # Task checkpoints prefix the body ("bert."); bare encoders (BertModel, MiniLM) do not.
@@ -232,7 +233,10 @@ def plan_merge(
             continue
         used.add(key)
         if tuple(keys[key]) != tuple(expected):
-            problems.append(f"mis-shaped {key}: expected {list(expected)}, found {list(keys[key])}")
+            if paths.matches_any(path, new_params):  # e.g. a 2-label head reused for 3 labels
+                fresh.append(f"{path} (checkpoint {key} has {list(keys[key])}, the model needs {list(expected)})")
+            else:
+                problems.append(f"mis-shaped {key}: expected {list(expected)}, found {list(keys[key])}")
             continue
         plan[path] = (key, kind)
     for key in sorted(set(keys) - used):
@@ -241,8 +245,8 @@ def plan_merge(
     if problems:
         files = ", ".join(str(f) for f in source.files)
         raise CheckpointError(f"{files}: checkpoint does not fit the model: " + "; ".join(problems))
-    for path in fresh:
-        log.warning("newly initialised (not in the checkpoint): %s", path)
+    for what in fresh:
+        log.warning("newly initialised (on load.new_params, not taken from the checkpoint): %s", what)
     return plan
 
 

@@ -42,7 +42,8 @@ def load_run_model(run_dir: Path, step: int | None = None):
 def predict_file(
     run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 32, step: int | None = None
 ) -> int:
-    """Writes each input line with `label` and `probs` added; the output appears only when complete."""
+    """Writes each input line with `label` and `probs` added (token tasks: `labels` and `probs` per
+    whitespace word); the output file appears only when complete."""
     read_run(run_dir)  # fail on a wrong run dir before reading anything else
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input")
@@ -61,25 +62,45 @@ def predict_file(
     batch_size = -(-batch_size // dp) * dp
     fn = compile.jit_predict_step(graphdef, jax.tree.map(lambda x: x.sharding, params), m)
     labels = meta["label_names"]
-    probs_all = []
+    token_level = meta["spec"]["task"] == "token-classification"
+    outputs = []
     for start in range(0, len(records), batch_size):
         texts = [r["text"] for r in records[start : start + batch_size]]
         pad = batch_size - len(texts)
+        inputs = [t.split() or [""] for t in texts + [""] * pad] if token_level else texts + [""] * pad
         enc = tokenizer(
-            texts + [""] * pad,
+            inputs,
             padding="max_length",
             truncation=True,
             max_length=max_length,
             return_tensors="np",
             return_token_type_ids=True,
+            is_split_into_words=token_level,
         )
         batch = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
         probs = np.asarray(jax.device_get(fn(params, mesh.make_global_batch(batch, m))))
-        probs_all.extend(probs[: len(texts)])
+        for i in range(len(texts)):
+            outputs.append(
+                _word_outputs(enc.word_ids(i), probs[i], labels) if token_level else _output(probs[i], labels)
+            )
     output_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for r, p in zip(records, probs_all):
-            f.write(json.dumps({**r, "label": labels[int(np.argmax(p))], "probs": [float(x) for x in p]}) + "\n")
+        for r, out in zip(records, outputs):
+            f.write(json.dumps({**r, **out}) + "\n")
     os.replace(tmp, output_path)
     return len(records)
+
+
+def _output(probs: np.ndarray, labels: list[str]) -> dict:
+    return {"label": labels[int(np.argmax(probs))], "probs": [float(x) for x in probs]}
+
+
+def _word_outputs(word_ids: list[int | None], probs_LxC: np.ndarray, labels: list[str]) -> dict:
+    """Token tasks: one label per whitespace word, read at its first sub-token (truncated words get none)."""
+    words: dict[int, np.ndarray] = {}
+    for j, w in enumerate(word_ids):
+        if w is not None and w not in words:
+            words[w] = probs_LxC[j]
+    ordered = [words[w] for w in sorted(words)]
+    return {"labels": [labels[int(np.argmax(p))] for p in ordered], "probs": [[float(x) for x in p] for p in ordered]}

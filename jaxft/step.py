@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxft import axes
 from jaxft.state import TrainState
 
-IGNORE = -100  # label value of tokens that carry no loss (padding, sub-word continuations)
+IGNORE = axes.IGNORE_LABEL
 
 
 def model_logits(

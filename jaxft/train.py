@@ -130,7 +130,7 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
     m = mesh.build_mesh(cfg.mesh)
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
-    sources = pipeline.open_sources(cfg.data)
+    sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
     pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, len(sources.label_names), cfg.train.seed)
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())

@@ -108,3 +108,28 @@ def test_loaded_params_are_sharded_not_on_one_device(tiny_bert):
     assert len(kernel.sharding.device_set) == 8
     assert kernel.addressable_shards[0].data.shape == (32 // 4, 64)  # embed dim split over fsdp=4
     assert jax.device_count() == 8
+
+
+def test_token_classification_matches_pytorch(tmp_path):
+    from transformers import BertConfig, BertForTokenClassification
+
+    from tests.conftest import TOKENIZER_FILES, minilm_path
+
+    torch.manual_seed(4)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=5,
+    )
+    ref = BertForTokenClassification(config).eval()
+    ref.save_pretrained(tmp_path / "tok")
+    for name in TOKENIZER_FILES:
+        (tmp_path / "tok" / name).write_bytes((minilm_path() / name).read_bytes())
+    enc = _encode(tmp_path / "tok", 16)
+    ours = np.asarray(jaxft.load(str(tmp_path / "tok"), task="token-classification", num_labels=5)(**enc))
+    assert ours.shape == (3, 16, 5)
+    np.testing.assert_allclose(ours, _torch_logits(ref, enc), atol=1e-4, rtol=0)

@@ -10,6 +10,7 @@ from jaxft.config import (
     Config,
     DataConfig,
     FreezeConfig,
+    LoadConfig,
     MeshConfig,
     ModelConfig,
     TrainConfig,
@@ -61,3 +62,38 @@ def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path
     restored = _flat(params)
     for p, v in after.items():
         np.testing.assert_array_equal(restored[p], v, err_msg=p)
+
+
+def test_token_classification_trains_and_predicts_per_word(tmp_path, tiny_bert, data_dir):
+    from jaxft.predict import predict_file
+
+    rows = [
+        {"words": ["alice", "visited", "paris", "today"], "tags": ["PER", "O", "LOC", "O"]},
+        {"words": ["bob", "likes", "berlin"], "tags": ["PER", "O", "LOC"]},
+    ] * 8
+    path = tmp_path / "ner.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config(
+        model=ModelConfig(source=str(tiny_bert), task="token-classification"),
+        load=LoadConfig(new_params=(r"classifier/.*",), ignore_unused=(r"bert\.pooler\..*", r"classifier\..*")),
+        mesh=MeshConfig(data=8),
+        train=TrainConfig(max_steps=2, batch_size=8, eval_every_steps=0, eval_batch_size=8),
+        data=DataConfig(
+            dataset="files",
+            train_files=(str(path),),
+            eval_files=(str(path),),
+            text_column="words",
+            label_column="tags",
+            max_length=16,
+        ),
+        checkpoint=CheckpointConfig(every_steps=0),
+    )
+    result = train(cfg, tmp_path / "run")
+    assert result.label_names == ("LOC", "O", "PER")
+    assert 0.0 <= result.eval_metrics["eval_accuracy"] <= 1.0
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "carol visited rome"}\n')
+    predict_file(tmp_path / "run", inp, tmp_path / "out.jsonl", batch_size=8)
+    out = json.loads((tmp_path / "out.jsonl").read_text())
+    assert len(out["labels"]) == 3 and set(out["labels"]) <= {"LOC", "O", "PER"}
+    assert len(out["probs"]) == 3 and abs(sum(out["probs"][0]) - 1) < 1e-5

@@ -55,11 +55,19 @@ def collect_labels(files: list[Path], label_column: str) -> tuple[str, ...]:
         for i, rec in read_records(f):
             if label_column not in rec:
                 raise DataError(f"{f}:{i}: missing label column {label_column!r}")
-            seen.add(str(rec[label_column]))
+            value = rec[label_column]
+            if isinstance(value, list):  # token tasks: one tag per word
+                seen.update(str(v) for v in value)
+            else:
+                seen.add(str(value))
     return tuple(sorted(seen))
 
 
-def _examples(files: list[Path], cfg: DataConfig, labels: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+def _examples(
+    files: list[Path], cfg: DataConfig, labels: tuple[str, ...], token_level: bool = False
+) -> Iterator[tuple[str, dict]]:
+    """Validated examples. Sequence tasks: a text and one label. Token tasks: a list of words and a
+    list of tags of the same length."""
     index = {name: i for i, name in enumerate(labels)}
     count = 0
     for f in files:
@@ -67,49 +75,63 @@ def _examples(files: list[Path], cfg: DataConfig, labels: tuple[str, ...]) -> It
             for col in (cfg.text_column, cfg.label_column) + ((cfg.text_pair_column,) if cfg.text_pair_column else ()):
                 if col not in rec:
                     raise DataError(f"{f}:{i}: missing column {col!r}")
-            text = rec[cfg.text_column]
-            if not isinstance(text, str):
+            text, label = rec[cfg.text_column], rec[cfg.label_column]
+            if token_level:
+                text, label = _check_tokens(f, i, cfg, text, label)
+            elif not isinstance(text, str):
                 raise DataError(f"{f}:{i}: column {cfg.text_column!r} must be a string")
-            label = str(rec[cfg.label_column])
-            if label not in index:
-                raise DataError(f"{f}:{i}: label {label!r} is not in the label set {list(labels)}")
+            tags = label if token_level else [label]
+            for tag in tags:
+                if str(tag) not in index:
+                    raise DataError(f"{f}:{i}: label {str(tag)!r} is not in the label set {list(labels)}")
+            ids = [index[str(t)] for t in tags]
             count += 1
-            yield (
-                f"{f.name}:{i}",
-                {"text": text, "text_pair": str(rec.get(cfg.text_pair_column, "")), "label": index[label]},
-            )
+            pair = str(rec.get(cfg.text_pair_column, ""))
+            yield f"{f.name}:{i}", {"text": text, "text_pair": pair, "label": ids if token_level else ids[0]}
     if count == 0:
         raise DataError(f"{', '.join(str(f) for f in files)}: dataset is empty")
 
 
+def _check_tokens(f: Path, i: int, cfg: DataConfig, words, tags) -> tuple[list[str], list]:
+    if not (isinstance(words, list) and all(isinstance(w, str) for w in words)) or not words:
+        raise DataError(f"{f}:{i}: column {cfg.text_column!r} must be a non-empty list of words for token tasks")
+    if not isinstance(tags, list) or len(tags) != len(words):
+        raise DataError(f"{f}:{i}: column {cfg.label_column!r} must list one tag per word ({len(words)} words)")
+    return words, tags
+
+
 class FilesConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, splits: dict[str, list[Path]], data: DataConfig, labels: tuple[str, ...], **kw):
+    def __init__(
+        self, *, splits: dict[str, list[Path]], data: DataConfig, labels: tuple[str, ...], token_level: bool, **kw
+    ):
         h = hashlib.sha256()
         for split, files in sorted(splits.items()):
             for f in files:
                 h.update(f"{split}:{f.resolve()}:".encode())
                 h.update(Path(f).read_bytes() if Path(f).is_file() else b"<missing>")
-        h.update(json.dumps([data.text_column, data.text_pair_column, data.label_column, labels]).encode())
+        h.update(json.dumps([data.text_column, data.text_pair_column, data.label_column, labels, token_level]).encode())
         # The config name is a content hash: edited files or columns prepare a new copy, never a stale one.
         super().__init__(name=h.hexdigest()[:16], version=tfds.core.Version("1.0.0"), **kw)
-        self.splits, self.data, self.labels = splits, data, labels
+        self.splits, self.data, self.labels, self.token_level = splits, data, labels, token_level
 
 
 class JaxftFiles(tfds.core.GeneratorBasedBuilder):
-    """Text classification from your own JSONL/CSV files with configurable text and label columns."""
+    """Sequence or token classification from your own JSONL/CSV files with configurable columns."""
 
     VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS: list = []
 
     def _info(self) -> tfds.core.DatasetInfo:
+        label = tfds.features.ClassLabel(names=list(self.builder_config.labels))
+        token_level = self.builder_config.token_level
         return tfds.core.DatasetInfo(
             builder=self,
-            description="User-provided text classification files.",
+            description="User-provided classification files.",
             features=tfds.features.FeaturesDict(
                 {
-                    "text": tfds.features.Text(),
+                    "text": tfds.features.Sequence(tfds.features.Text()) if token_level else tfds.features.Text(),
                     "text_pair": tfds.features.Text(),
-                    "label": tfds.features.ClassLabel(names=list(self.builder_config.labels)),
+                    "label": tfds.features.Sequence(label) if token_level else label,
                 }
             ),
         )
@@ -118,10 +140,13 @@ class JaxftFiles(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(files) for split, files in self.builder_config.splits.items()}
 
     def _generate_examples(self, files):
-        yield from _examples(files, self.builder_config.data, self.builder_config.labels)
+        c = self.builder_config
+        yield from _examples(files, c.data, c.labels, c.token_level)
 
 
-def build_files_dataset(cfg: DataConfig, data_dir: str, splits: dict[str, list[Path]]) -> tfds.core.DatasetBuilder:
+def build_files_dataset(
+    cfg: DataConfig, data_dir: str, splits: dict[str, list[Path]], token_level: bool = False
+) -> tfds.core.DatasetBuilder:
     for files in splits.values():
         for f in files:
             if not Path(f).is_file():
@@ -130,7 +155,9 @@ def build_files_dataset(cfg: DataConfig, data_dir: str, splits: dict[str, list[P
     if not labels:
         raise DataError(f"{', '.join(map(str, splits[cfg.train_split]))}: dataset is empty")
     builder = JaxftFiles(
-        config=FilesConfig(splits=splits, data=cfg, labels=labels), data_dir=data_dir, file_format="array_record"
+        config=FilesConfig(splits=splits, data=cfg, labels=labels, token_level=token_level),
+        data_dir=data_dir,
+        file_format="array_record",
     )
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return builder

@@ -16,6 +16,7 @@ import grain
 import jax
 import numpy as np
 
+from jaxft.axes import IGNORE_LABEL
 from jaxft.config import DataConfig
 from jaxft.data import builders
 from jaxft.data.builders import DataError
@@ -29,23 +30,27 @@ class Sources:
     text_key: str
     pair_key: str
     label_key: str
+    token_level: bool = False
 
 
 def default_data_dir() -> str:
     return os.environ.get("JAXFT_DATA_DIR", str(Path("~/.cache/jaxft/tfds").expanduser()))
 
 
-def open_sources(cfg: DataConfig, need_eval: bool = True) -> Sources:
+def open_sources(cfg: DataConfig, need_eval: bool = True, task: str = "sequence-classification") -> Sources:
     """Prepares (once) and opens the train and eval splits as tfds array_record data sources."""
+    token_level = task == "token-classification"
     data_dir = cfg.data_dir or default_data_dir()
     if cfg.dataset in ("reviews", "files"):
         if cfg.dataset == "reviews":
+            if token_level:
+                raise DataError("data.dataset: 'reviews' is a sequence-classification dataset")
             builder = builders.build_reviews_dataset(data_dir)
         else:
             splits = {cfg.train_split: [Path(f) for f in cfg.train_files]}
             if cfg.eval_files:
                 splits[cfg.eval_split] = [Path(f) for f in cfg.eval_files]
-            builder = builders.build_files_dataset(cfg, data_dir, splits)
+            builder = builders.build_files_dataset(cfg, data_dir, splits, token_level)
         text_key, pair_key, label_key = "text", ("text_pair" if cfg.text_pair_column else ""), "label"
     else:
         import tensorflow_datasets as tfds
@@ -67,12 +72,13 @@ def open_sources(cfg: DataConfig, need_eval: bool = True) -> Sources:
         if splits[split].num_examples == 0:
             raise DataError(f"{cfg.dataset}/{split}: dataset is empty")
     feature = builder.info.features[label_key]
+    feature = getattr(feature, "feature", feature)  # a Sequence of ClassLabel for token tasks
     label_names = tuple(cfg.label_names) or tuple(getattr(feature, "names", ()))
     if not label_names:
         raise DataError(f"data.label_names: {cfg.dataset} has no ClassLabel names for {label_key!r}; set them")
     sources = builder.as_data_source()
     eval_source = sources[cfg.eval_split] if need_eval and cfg.eval_split in sources else None
-    return Sources(sources[cfg.train_split], eval_source, label_names, text_key, pair_key, label_key)
+    return Sources(sources[cfg.train_split], eval_source, label_names, text_key, pair_key, label_key, token_level)
 
 
 class Encoder:
@@ -88,10 +94,14 @@ class Encoder:
         self.max_length = max_length
         self.s = sources
 
-    def __call__(self, columns: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Encodes a batch given as columns (grain stacks records into {field: array})."""
-        texts = [_text(t) for t in columns[self.s.text_key]]
-        pairs = [_text(t) for t in columns[self.s.pair_key]] if self.s.pair_key else None
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """Encodes a list of records into one batch of fixed-shape arrays."""
+        s = self.s
+        if s.token_level:
+            texts = [[_text(w) for w in r[s.text_key]] for r in records]
+        else:
+            texts = [_text(r[s.text_key]) for r in records]
+        pairs = [_text(r[s.pair_key]) for r in records] if s.pair_key else None
         enc = self.tokenizer(
             texts,
             pairs,
@@ -100,18 +110,30 @@ class Encoder:
             max_length=self.max_length,
             return_tensors="np",
             return_token_type_ids=True,
+            is_split_into_words=s.token_level,
         )
+        if s.token_level:
+            labels = np.stack([_align_tags(enc.word_ids(i), r[s.label_key]) for i, r in enumerate(records)])
+        else:
+            labels = np.asarray([int(r[s.label_key]) for r in records], np.int32)
         return {
             "input_ids": enc["input_ids"].astype(np.int32),
             "attention_mask": enc["attention_mask"].astype(np.int32),
             "token_type_ids": enc["token_type_ids"].astype(np.int32),
-            "labels": np.asarray(columns[self.s.label_key], np.int32).reshape(len(texts)),
-            "weights": np.ones((len(texts),), np.float32),
+            "labels": labels.astype(np.int32),
+            "weights": np.ones((len(records),), np.float32),
         }
 
 
-def _columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {k: [r[k] for r in records] for k in records[0]}
+def _align_tags(word_ids: list[int | None], tags) -> np.ndarray:
+    """Each word's tag on its first sub-token; IGNORE on special tokens, padding and continuations."""
+    out = np.full((len(word_ids),), IGNORE_LABEL, np.int32)
+    previous = None
+    for j, w in enumerate(word_ids):
+        if w is not None and w != previous:
+            out[j] = int(tags[w])
+        previous = w
+    return out
 
 
 def _text(value: Any) -> str:
@@ -125,7 +147,7 @@ def build_train_dataset(source: Any, encoder: Encoder, global_batch: int, seed: 
     per_process = global_batch // jax.process_count()
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
     ds = ds[jax.process_index() :: jax.process_count()]
-    return ds.batch(per_process, drop_remainder=True).map(encoder)
+    return ds.batch(per_process, drop_remainder=True, batch_fn=encoder)
 
 
 def iter_eval_batches(source: Any, encoder: Encoder, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -143,10 +165,10 @@ def iter_eval_batches(source: Any, encoder: Encoder, global_batch: int) -> Itera
         pad = per_process - len(records)
         if not records:
             records, pad = [source[0]], per_process - 1
-            batch = encoder(_columns(records))
+            batch = encoder(records)
             batch["weights"][:] = 0.0
         else:
-            batch = encoder(_columns(records))
+            batch = encoder(records)
         if pad:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
             batch["weights"][-pad:] = 0.0
