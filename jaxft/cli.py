@@ -18,6 +18,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.config import ConfigError
     from jaxft.data.builders import DataError
     from jaxft.load import CheckpointError
+    from jaxft.loop import NonFiniteError
     from jaxft.mesh import MeshError
     from jaxft.models.bert_hf import ArchitectureError
     from jaxft.paths import RuleError
@@ -32,22 +33,49 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ShardingError,
         RuleError,
         RunCheckpointError,
+        NonFiniteError,
+        *_optional_errors(),
     )
 
 
+def _optional_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from jaxft.export import ExportError
+    except ImportError:
+        return ()
+    return (ExportError,)
+
+
 def _quiet_libraries() -> None:
-    # Orbax, absl and tfds log every save and prepare at INFO; the run log should be jaxft's.
+    # Orbax, absl and tfds log every save and prepare at INFO, and Orbax logs a failed background write
+    # with its traceback before raising it to us; the run log should be jaxft's, which reports every
+    # failure itself in one line.
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         import absl.logging
 
-        absl.logging.set_verbosity(absl.logging.ERROR)
+        absl.logging.set_verbosity(absl.logging.FATAL)
     except ImportError:
         pass
     for name in ("absl", "orbax", "tensorflow_datasets", "jax", "transformers"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        import tensorflow_datasets as tfds
+
+        tfds.disable_progress_bar()
+    except ImportError:
+        pass
+    sys.unraisablehook = _quiet_unraisable
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _quiet_unraisable(info) -> None:
+    # After a failed async write, tensorstore completes its remaining futures into Orbax's closed event
+    # loop; those callbacks raise "Event loop is closed" where nothing can catch them.
+    if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+        return
+    sys.__unraisablehook__(info)
 
 
 def _maybe_distributed() -> None:
@@ -65,7 +93,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, allow_config_change=args.allow_config_change)
+    if result.stopped_by:
+        step = int(result.state.step)
+        print(f"stopped by {result.stopped_by} at step {step}; checkpoint saved; run the same command to resume")
+        return 0
+    if result.start_step >= cfg.train.max_steps:
+        print(f"run already complete at step {result.start_step}")
     if result.eval_metrics:
         print(
             f"test accuracy: {result.eval_metrics['eval_accuracy']:.4f}  "
@@ -76,10 +110,36 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from jaxft.checkpoint import select_step
     from jaxft.predict import predict_file
 
-    n = predict_file(Path(args.run_dir), Path(args.input), Path(args.output), args.batch_size, args.step)
+    step = select_step(Path(args.run_dir), args.step, args.best)
+    n = predict_file(Path(args.run_dir), Path(args.input), Path(args.output), args.batch_size, step)
     print(f"wrote {n} predictions to {args.output}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxft.checkpoint import select_step
+    from jaxft.evaluate import eval_run
+
+    step = select_step(Path(args.run_dir), args.step, args.best)
+    record, out = eval_run(Path(args.run_dir), step, args.overrides)
+    print(
+        f"step {step}: eval_loss={record['eval_loss']:.4f} eval_accuracy={record['eval_accuracy']:.4f} "
+        f"eval_macro_f1={record['eval_macro_f1']:.4f} ({int(record['eval_examples'])} examples)"
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from jaxft.checkpoint import select_step
+    from jaxft.export import export_run
+
+    step = select_step(Path(args.run_dir), args.step, args.best)
+    out = export_run(Path(args.run_dir), Path(args.out_dir), step=step, dtype=args.dtype)
+    print(f"exported step {step} to {out}")
     return 0
 
 
@@ -91,12 +151,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_step_args(p: argparse.ArgumentParser) -> None:
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, default=None, help="a saved step (default: the latest)")
+    which.add_argument("--best", action="store_true", help="the step with the best checkpoint.keep_best_metric")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxft", description="Fine-tune pretrained HF encoders in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune from a config file")
     p.add_argument("config")
-    p.add_argument("--run-dir", default=None, help="where metrics, checkpoints and run.json go")
+    p.add_argument("--run-dir", default=None, help="where metrics, checkpoints and run.json go; resumed if it has any")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changes the result")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("predict", help='label a JSONL file of {"text": ...} with a run\'s latest checkpoint')
@@ -104,8 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--step", type=int, default=None)
+    _add_step_args(p)
     p.set_defaults(fn=cmd_predict)
+    p = sub.add_parser("eval", help="evaluate a saved checkpoint; writes RUN_DIR/eval-<step>.json")
+    p.add_argument("run_dir")
+    _add_step_args(p)
+    p.add_argument("overrides", nargs="*", help="data.key=value (another split or files)")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model folder")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    _add_step_args(p)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("plan", help="print parameters, shardings, freeze status and memory; builds nothing")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -130,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except errors as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
+        from jaxft.checkpoint import CheckpointSaveError
+
+        if isinstance(e, CheckpointSaveError):
+            # Orbax's writer threads may still be failing on the dead write; leaving through interpreter
+            # shutdown makes them print tracebacks after this line. Every jaxft file is closed by now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except FileExistsError as e:
         print(f"jaxft: error: {e.filename or e}: already exists; refusing to overwrite", file=sys.stderr)

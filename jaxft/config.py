@@ -93,6 +93,8 @@ class TrainConfig:
     log_every_steps: int = 10
     eval_every_steps: int = 50  # 0: only at the end
     eval_batch_size: int = 64
+    nonfinite: str = "halt"  # a non-finite loss/gradient: "halt" the run, or "skip" the update and go on
+    max_nonfinite_steps: int = 10  # skip mode: halt after this many non-finite steps in a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +117,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     every_steps: int = 100  # 0: only at the end
-    keep: int = 3
+    keep: int = 3  # the latest K checkpoints are kept ...
+    keep_best_metric: str = "eval_loss"  # ... plus the best by this eval metric ("" = none)
+    keep_best_mode: str = "auto"  # min | max | auto (min for *loss*, max otherwise)
     async_save: bool = True
 
 
@@ -140,6 +144,9 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "checkpoint.keep_best_mode": ("auto", "min", "max"),
+    "train.nonfinite": ("halt", "skip"),
+    "checkpoint.keep_best_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1"),
 }
 _POSITIVE = (
     "train.max_steps",
@@ -147,6 +154,7 @@ _POSITIVE = (
     "train.grad_accum_steps",
     "train.log_every_steps",
     "train.eval_batch_size",
+    "train.max_nonfinite_steps",
     "data.max_length",
     "checkpoint.keep",
 )

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +30,77 @@ class LoopHooks:
     save: Callable[[Any, dict[str, float] | None], None]
     write_metrics: Callable[[dict[str, Any]], None]
     before_step: Callable[[Any, int], Any] = lambda state, step: state  # gradual unfreezing re-partitions here
+    should_stop: Callable[[int], str] = lambda step: ""  # a signal's name once a stop was requested
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or gradient and the policy says stop."""
+
+
+class NonFinitePolicy:
+    """`halt`: stop at the first non-finite step. `skip`: the step already dropped its update; stop after
+    `max_consecutive` in a row. Steps that hit it are counted in `skipped` (carried across resumes)."""
+
+    def __init__(self, mode: str, max_consecutive: int, leaf_paths: Callable[[], list[str]], skipped: int = 0):
+        self.mode, self.max_consecutive, self.leaf_paths = mode, max_consecutive, leaf_paths
+        self.skipped, self.consecutive = skipped, 0
+
+    def observe(self, step: int, host: dict[str, float]) -> None:
+        if not host.get("nonfinite"):
+            self.consecutive = 0
+            return
+        self.skipped += 1
+        self.consecutive += 1
+        leaf = int(host.get("nonfinite_leaf", -1))
+        where = f"first non-finite gradient: {self.leaf_paths()[leaf]}" if leaf >= 0 else "gradients finite"
+        what = f"step {step}: non-finite training (loss={host['loss']}, {where}); the update was not applied"
+        if self.mode == "halt":
+            raise NonFiniteError(f"{what}; halting (train.nonfinite=halt)")
+        log.warning("%s; skipped (%d in a row)", what, self.consecutive)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{what}; {self.consecutive} non-finite steps in a row reached train.max_nonfinite_steps, halting"
+            )
+
+
+class StopRequest:
+    """SIGTERM or SIGINT asks the loop to finish the current step, save and return; a second SIGINT
+    interrupts at once. On several hosts, JAX's preemption sync point picks a step all processes agree on
+    (it owns SIGTERM there), so every process saves the same step."""
+
+    def __init__(self):
+        self.signal = ""
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        wanted = [signal.SIGINT] if jax.process_count() > 1 else [signal.SIGTERM, signal.SIGINT]
+        for sig in wanted:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving, then stopping", self.signal)
+
+    def __call__(self, step: int) -> str:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            try:
+                if multihost_utils.reached_preemption_sync_point(step):
+                    return "SIGTERM"
+            except RuntimeError:  # no preemption service in this JAX setup
+                pass
+            return ""  # a local SIGINT alone cannot be agreed on: it interrupts (second Ctrl-C)
+        return self.signal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,15 +152,21 @@ class Progress:
 class _Emitter:
     """Turns step metrics into records: fetched late, with tokens/s over the interval since the last one."""
 
-    def __init__(self, cadence: Cadence, start_step: int, hooks: LoopHooks, progress: Progress):
-        self.cadence, self.hooks, self.progress = cadence, hooks, progress
+    def __init__(
+        self, cadence: Cadence, start_step: int, hooks: LoopHooks, progress: Progress, nonfinite: NonFinitePolicy
+    ):
+        self.cadence, self.hooks, self.progress, self.nonfinite = cadence, hooks, progress, nonfinite
         self.last_time, self.last_step = time.perf_counter(), start_step
 
     def emit(self, step: int, metrics: dict[str, jax.Array], extra: dict[str, float] | None = None) -> None:
+        # Every step's scalars are read (one step late) so a non-finite step is never missed.
+        host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        self.nonfinite.observe(step, host)
         if not (extra or _due(step, self.cadence.log_every, self.cadence.max_steps)):
             return
-        host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-        host.pop("tokens", None)
+        for k in ("tokens", "nonfinite", "nonfinite_leaf"):
+            host.pop(k, None)
+        host["skipped_steps"] = self.nonfinite.skipped
         now = time.perf_counter()
         tokens = self.cadence.tokens_per_step * (step - self.last_step)
         record = {"step": step, **host, "tokens_per_sec": tokens / max(now - self.last_time, 1e-9), **(extra or {})}
@@ -100,32 +179,48 @@ class _Emitter:
         self.last_time, self.last_step = time.perf_counter(), step
 
 
-def run_loop(state: Any, start_step: int, cadence: Cadence, hooks: LoopHooks) -> tuple[Any, dict[str, float]]:
-    """Runs steps start_step+1 … max_steps; returns the final state and the last eval metrics."""
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    eval_metrics: dict[str, float]
+    stopped_by: str = ""  # a signal's name when the run stopped early (after saving)
+
+
+def run_loop(state: Any, start_step: int, cadence: Cadence, hooks: LoopHooks, nonfinite: NonFinitePolicy) -> LoopResult:
+    """Runs steps start_step+1 … max_steps, or until a stop is requested (then saves that step)."""
     progress = Progress(start_step, cadence.max_steps)
-    emitter = _Emitter(cadence, start_step, hooks, progress)
+    emitter = _Emitter(cadence, start_step, hooks, progress, nonfinite)
     pending: tuple[int, dict[str, jax.Array]] | None = None
     last_eval: dict[str, float] = {}
-    for step in range(start_step + 1, cadence.max_steps + 1):
-        state = hooks.before_step(state, step - 1)
-        state, metrics = hooks.train_step(state, hooks.next_batch())
-        # Fetch the previous step's metrics only now, after this step is queued: the device never idles.
-        if pending is not None:
-            emitter.emit(*pending)
-        pending = (step, metrics)
-        progress.advance()
-        do_eval = _due(step, cadence.eval_every, cadence.max_steps)
-        do_save = _due(step, cadence.save_every, cadence.max_steps)
-        if do_eval or do_save:
-            if do_eval:
-                last_eval = hooks.evaluate(state)
-            emitter.emit(step, metrics, last_eval if do_eval else None)
-            pending = None
-            if do_save:
-                hooks.save(state, last_eval or None)
-            emitter.restart_clock(step)
-    progress.close()
-    return state, last_eval
+    stopped_by = ""
+    try:
+        for step in range(start_step + 1, cadence.max_steps + 1):
+            state = hooks.before_step(state, step - 1)
+            state, metrics = hooks.train_step(state, hooks.next_batch())
+            # Fetch the previous step's metrics only now, after this step is queued: the device never idles.
+            if pending is not None:
+                emitter.emit(*pending)
+            pending = (step, metrics)
+            progress.advance()
+            stopped_by = hooks.should_stop(step)
+            do_eval = _due(step, cadence.eval_every, cadence.max_steps)
+            do_save = _due(step, cadence.save_every, cadence.max_steps) or bool(stopped_by)
+            if do_eval or do_save:
+                if do_eval:
+                    last_eval = hooks.evaluate(state)
+                emitter.emit(step, metrics, last_eval if do_eval else None)  # a halting step is never saved
+                pending = None
+                if do_save:
+                    hooks.save(state, last_eval if do_eval else None)
+                emitter.restart_clock(step)
+            if stopped_by:
+                log.warning(
+                    "stopped at step %d by %s; checkpoint saved; run the same command to resume", step, stopped_by
+                )
+                break
+    finally:
+        progress.close()
+    return LoopResult(state, last_eval, stopped_by)
 
 
 def _due(step: int, every: int, max_steps: int) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -22,20 +23,28 @@ def read_run(run_dir: Path) -> dict:
     if not path.is_file():
         raise RunCheckpointError(f"{run_dir}: not a jaxft run dir (no run.json)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunCheckpointError(f"{path}: corrupted run metadata ({e.msg})") from None
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunCheckpointError(f"{path}: corrupted run metadata ({e})") from None
+    kinds = {"config": dict, "spec": dict, "source": dict, "label_names": list}
+    bad = [k for k, kind in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if bad:
+        raise RunCheckpointError(f"{path}: corrupted run metadata ({', '.join(bad)} missing or malformed)")
+    return meta
 
 
 def load_run_model(run_dir: Path, step: int | None = None):
     """(graphdef, params, meta, mesh, step) of a finished or running run, restored into shardings."""
     meta = read_run(run_dir)
     cfg = from_dict(meta["config"])
-    m = mesh.build_mesh(cfg.mesh)
+    try:
+        m = mesh.build_mesh(cfg.mesh)
+    except mesh.MeshError:  # trained on another device count: data-parallel over what this host has
+        m = mesh.build_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     spec = models.BertSpec(**meta["spec"])
     graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype)
     shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
-    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step)
+    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, meta["spec"])
     return graphdef, params, meta, m, step
 
 

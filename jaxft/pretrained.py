@@ -48,22 +48,38 @@ def infer_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> dict[str, 
     return sharding.named(sharding.infer_param_specs(abstract_params, rules, mesh), mesh)
 
 
+def build_abstract(model_cfg: ModelConfig, mesh: Mesh, rules, num_labels: int = 0) -> Pretrained:
+    """Shapes, shardings and source identity, with no weights read: `params` holds abstract arrays.
+    A resume restores into these shardings straight from the checkpoint."""
+    folder, hf, spec = read_spec(model_cfg, num_labels)
+    graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype)
+    shardings = infer_shardings(abstract_params, mesh, rules)
+    source = load_io.source_identity(folder, load_io.open_checkpoint(folder))
+    return Pretrained(folder, hf, spec, graphdef, abstract_params, shardings, source)
+
+
+def load_weights(pre: Pretrained, model_cfg: ModelConfig, load_cfg: LoadConfig, seed: int = 0) -> Pretrained:
+    """The checkpoint's tensors merged into `pre`'s abstract parameters, each placed in its sharding."""
+    params, source = load_io.load_pretrained(
+        pre.folder,
+        pre.params,
+        bert_hf.body_prefix(pre.spec, pre.hf_config.get("model_type", "bert")),
+        pre.param_shardings,
+        load_cfg.new_params,
+        load_cfg.ignore_unused,
+        lambda wanted: models.init_params(pre.spec, model_cfg.param_dtype, wanted, pre.param_shardings, seed),
+    )
+    return dataclasses.replace(pre, params=params, source=source)
+
+
 def load_pretrained(
     model_cfg: ModelConfig, load_cfg: LoadConfig, mesh: Mesh, rules, num_labels: int = 0, seed: int = 0
 ) -> Pretrained:
     folder, hf, spec = read_spec(model_cfg, num_labels)
     graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype)
     shardings = infer_shardings(abstract_params, mesh, rules)
-    params, source = load_io.load_pretrained(
-        folder,
-        abstract_params,
-        bert_hf.body_prefix(spec, hf.get("model_type", "bert")),
-        shardings,
-        load_cfg.new_params,
-        load_cfg.ignore_unused,
-        lambda wanted: models.init_params(spec, model_cfg.param_dtype, wanted, shardings, seed),
-    )
-    return Pretrained(folder, hf, spec, graphdef, params, shardings, source)
+    pre = Pretrained(folder, hf, spec, graphdef, abstract_params, shardings, {})
+    return load_weights(pre, model_cfg, load_cfg, seed)
 
 
 def load(

@@ -75,24 +75,55 @@ def train_step(
         )
     count = jnp.maximum(stats["count"], 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
+    loss = stats["loss_sum"] / count
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
+    # A non-finite loss, gradient or new parameter drops the whole update, so the state (and every
+    # checkpoint of it) stays finite; the host decides from `nonfinite` whether to halt or go on.
+    bad_leaf_G = jnp.stack([~jnp.isfinite(g).all() for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(loss) & ~bad_leaf_G.any() & _all_finite(trainable)
+    trainable, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old), (trainable, opt_state), (state.trainable, state.opt_state)
+    )
     metrics = {
-        "loss": stats["loss_sum"] / count,
+        "loss": loss,
         "accuracy": stats["correct"] / count,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": batch["attention_mask"].sum(),
+        "nonfinite": (~finite).astype(jnp.int32),
+        # Index (in jax.tree.leaves(trainable) order) of the first non-finite gradient, or -1.
+        "nonfinite_leaf": jnp.where(bad_leaf_G.any(), jnp.argmax(bad_leaf_G), -1).astype(jnp.int32),
     }
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
 
 
 def eval_step(
     trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
 ) -> dict[str, jax.Array]:
-    """Sums (loss, correct, count) over one eval batch; the loop adds them up across batches."""
-    _, stats = _loss_of_trainable(trainable, frozen, graphdef, batch, None)
-    return stats
+    """Sums over one eval batch: (loss, correct, count) and per-class counts for macro-F1; the loop adds
+    them up across batches."""
+    logits = model_logits(graphdef, nnx.merge_state(trainable, frozen), batch, None)
+    _, stats = classification_loss(logits, batch)
+    return {**stats, **class_counts(logits, batch)}
+
+
+def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Weighted per-class true-positive, predicted and true counts ([C] each)."""
+    labels = batch["labels"]
+    weights = batch["weights"].astype(jnp.float32)
+    if labels.ndim == 2:
+        weights = weights[:, None] * (labels != IGNORE)
+    num_classes = logits.shape[-1]
+    pred_C = jax.nn.one_hot(logits.argmax(-1), num_classes) * weights[..., None]
+    true_C = jax.nn.one_hot(jnp.where(labels == IGNORE, 0, labels), num_classes) * weights[..., None]
+    axes_ = tuple(range(pred_C.ndim - 1))
+    return {"tp": (pred_C * true_C).sum(axes_), "predicted": pred_C.sum(axes_), "true": true_C.sum(axes_)}
 
 
 def predict_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> jax.Array:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import checkpoint, compile, freeze, loop, mesh, optim, pretrained, sharding
-from jaxft.config import Config, to_dict
+from jaxft import evaluate as evaluate_lib
+from jaxft import metrics as metrics_lib
+from jaxft.config import Config, ConfigError, to_dict
 from jaxft.data import pipeline
 from jaxft.sharding import replicated
 from jaxft.state import TrainState, abstract_opt_state, create_state, repartition, split_params
@@ -28,13 +32,44 @@ class RunResult:
     eval_metrics: dict[str, float]
     label_names: tuple[str, ...]
     traces: int  # how often the train step was traced (once per freeze phase)
+    start_step: int = 0  # > 0 when the run resumed from a checkpoint
+    stopped_by: str = ""  # the signal that stopped the run early, after saving
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """A run dir with checkpoints belongs to an earlier run; never write over it."""
-    ckpts = run_dir / "checkpoints"
-    if ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()):
-        raise checkpoint.RunCheckpointError(f"{run_dir}: run dir already holds checkpoints; pass a new --run-dir")
+# Config keys that only change what is logged or kept, where, or how the math is laid out on devices.
+# Anything else alters the result, and a resume with it changed is refused unless asked for.
+RESUMABLE_CHANGES = (
+    r"train\.(log_every_steps|eval_every_steps|eval_batch_size)",
+    r"checkpoint\..*",
+    r"data\.(eval_split|eval_files)",
+    r"mesh\.(data|fsdp|tensor|rules)",
+    r"model\.remat",
+)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, saved, current) for every config value that alters the math."""
+    out = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            old = saved.get(section, {}).get(key)
+            if old != value and not any(re.fullmatch(p, name) for p in RESUMABLE_CHANGES):
+                out.append((name, old, value))
+    return out
+
+
+def check_config_change(path: Path, saved: dict[str, Any], cfg: Config, allow: bool) -> None:
+    changes = config_changes(saved, _jsonable(to_dict(cfg)))
+    if not changes:
+        return
+    listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in changes)
+    if not allow:
+        raise ConfigError(
+            f"{path}: config differs from the checkpoint's in keys that change the result: {listed}; "
+            "pass --allow-config-change to resume anyway"
+        )
+    log.warning("resuming with a changed config (--allow-config-change): %s", listed)
 
 
 def prepare_run_dir(run_dir: Path) -> None:
@@ -55,24 +90,6 @@ def shardings_of(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def evaluate_fn(eval_step, sources: pipeline.Sources, encoder: pipeline.Encoder, cfg: Config, m):
-    def evaluate(state: TrainState) -> dict[str, float]:
-        if sources.eval is None:
-            return {}
-        totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-        batches = pipeline.iter_eval_batches(sources.eval, encoder, cfg.train.eval_batch_size)
-        pending = []
-        for host_batch in batches:
-            pending.append(eval_step(state.trainable, state.frozen, mesh.make_global_batch(host_batch, m)))
-        for stats in jax.device_get(pending):
-            for k in totals:
-                totals[k] += float(stats[k])
-        count = max(totals["count"], 1.0)
-        return {"eval_loss": totals["loss_sum"] / count, "eval_accuracy": totals["correct"] / count}
-
-    return evaluate
-
-
 class PhasedTrainStep:
     """The jitted train step for the current freeze phase.
 
@@ -89,10 +106,11 @@ class PhasedTrainStep:
         schedule: Any,
         m: Any,
         meta: dict[str, Any],
+        active: set[str],
     ):
         self.cfg, self.plan, self.groups, self.graphdef = cfg, plan, groups, graphdef
         self.schedule, self.mesh, self.meta = schedule, m, meta
-        self.active = freeze.active_paths(groups, 0, cfg.freeze.unfreeze_every_steps)
+        self.active = active  # the trainable paths of the current phase
         self.tx: Any = None
         self._fn: compile.Traced | None = None
         self._traces_before = 0
@@ -102,6 +120,11 @@ class PhasedTrainStep:
         return self._traces_before + (self._fn.traces if self._fn else 0)
 
     def build_optimizer(self, trainable: nnx.State):
+        # The step reports a non-finite gradient by its index in jax.tree.leaves order; these name them.
+        self.leaf_paths = [
+            "/".join(str(getattr(k, "key", k)) for k in keypath)
+            for keypath, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]
+        ]
         self.tx = optim.build_optimizer(self.cfg.optim, self.schedule, lr_multipliers(self.plan, trainable))
         return self.tx
 
@@ -124,36 +147,68 @@ class PhasedTrainStep:
         return self._fn(state, batch)
 
 
-def train(cfg: Config, run_dir: str | Path) -> RunResult:
+@dataclasses.dataclass
+class ResumePoint:
+    step: int
+    state: TrainState
+    data: dict[str, Any]  # every process's iterator state, and loop counters
+
+
+def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -> RunResult:
+    """Fine-tunes per `cfg` into `run_dir`; a run dir that already holds checkpoints is resumed from its
+    latest complete one, and the rest of the run is the same as if it had never stopped."""
     run_dir = Path(run_dir)
-    check_run_dir(run_dir)
     m = mesh.build_mesh(cfg.mesh)
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
     sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, len(sources.label_names), cfg.train.seed)
+    pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(sources.label_names))
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
     groups = freeze.unfreeze_groups(plan, pre.spec.num_layers)
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
     meta: dict[str, Any] = {}
-    train_step = PhasedTrainStep(cfg, plan, groups, _configured_graphdef(pre, cfg), schedule, m, meta)
-    trainable, frozen = split_params((pre.graphdef, pre.params), train_step.active)
-    tx = train_step.build_optimizer(trainable)
-    state = create_state(trainable, frozen, tx, cfg.train.seed, _opt_shardings(tx, trainable, m), replicated(m))
+    first_phase = freeze.active_paths(groups, 0, cfg.freeze.unfreeze_every_steps)
+    train_step = PhasedTrainStep(cfg, plan, groups, _configured_graphdef(pre, cfg), schedule, m, meta, first_phase)
+    resume = find_resume_point(run_dir, cfg, pre, train_step, allow_config_change)
+    if resume is None:
+        pre = pretrained.load_weights(pre, cfg.model, cfg.load, cfg.train.seed)
+        trainable, frozen = split_params((pre.graphdef, pre.params), train_step.active)
+        tx = train_step.build_optimizer(trainable)
+        state = create_state(trainable, frozen, tx, cfg.train.seed, _opt_shardings(tx, trainable, m), replicated(m))
+    else:
+        state = resume.state
+    start_step = resume.step if resume else 0
     encoder = pipeline.Encoder(pre.folder, cfg.data.max_length, sources)
     train_ds = pipeline.build_train_dataset(sources.train, encoder, cfg.train.batch_size, cfg.data.shuffle_seed)
     data_iter = iter(train_ds)
+    if resume:
+        data_iter.set_state(_process_data_state(resume.data))
     prepare_run_dir(run_dir)
     meta.update(run_metadata(cfg, plan, pre, sources, train_step.active))
-    (run_dir / "run.json").write_text(json.dumps(meta, indent=1))
-    manager = checkpoint.build_manager(run_dir, cfg.checkpoint)
-    writer = _metrics_writer(run_dir)
+    _write_json(run_dir / "run.json", meta)
+    metrics_lib.truncate_metrics(run_dir, start_step)  # steps after the checkpoint are replayed
+    saver = checkpoint.Saver(run_dir, cfg.checkpoint)
+    writer = metrics_lib.MetricsWriter(run_dir)
+    nonfinite = loop.NonFinitePolicy(
+        cfg.train.nonfinite,
+        cfg.train.max_nonfinite_steps,
+        lambda: train_step.leaf_paths,
+        skipped=int(resume.data.get("skipped_steps", 0)) if resume else 0,
+    )
+    eval_step = compile.jit_eval_step(train_step.graphdef, m)
+    evaluate = evaluate_lib.build_evaluate(eval_step, sources.eval, encoder, cfg.train.eval_batch_size, m)
+
+    def save(s: TrainState, metrics: dict[str, float] | None) -> None:
+        data = {"process_states": checkpoint.gather_process_states(data_iter.get_state())}
+        data["skipped_steps"] = nonfinite.skipped
+        saver.save(s, data, meta, metrics)
+
     hooks = loop.LoopHooks(
         next_batch=lambda: mesh.make_global_batch(next(data_iter), m),
         train_step=train_step,
-        evaluate=evaluate_fn(compile.jit_eval_step(train_step.graphdef, m), sources, encoder, cfg, m),
-        save=lambda s, metrics: checkpoint.save_checkpoint(manager, s, data_iter.get_state(), meta, metrics),
+        evaluate=lambda s: evaluate(s.trainable, s.frozen),
+        save=save,
         write_metrics=writer.write,
         before_step=train_step.enter_phase,
     )
@@ -164,11 +219,102 @@ def train(cfg: Config, run_dir: str | Path) -> RunResult:
         save_every=cfg.checkpoint.every_steps,
         tokens_per_step=cfg.train.batch_size * cfg.data.max_length,
     )
-    state, eval_metrics = loop.run_loop(state, 0, cadence, hooks)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    return RunResult(run_dir, state, eval_metrics, sources.label_names, train_step.traces)
+    try:
+        with loop.StopRequest() as stop:
+            hooks.should_stop = stop
+            result = loop.run_loop(state, start_step, cadence, hooks, nonfinite)
+        saver.finish()
+    finally:
+        saver.close()
+        writer.close()
+    return RunResult(
+        run_dir,
+        result.state,
+        result.eval_metrics,
+        sources.label_names,
+        train_step.traces,
+        start_step,
+        result.stopped_by,
+    )
+
+
+def find_resume_point(
+    run_dir: Path, cfg: Config, pre: pretrained.Pretrained, train_step: PhasedTrainStep, allow_change: bool
+) -> ResumePoint | None:
+    """The newest checkpoint that restores; damaged ones (unfinished, truncated, unreadable) are skipped
+    with a warning. A checkpoint of another model, or a config that changes the math, is an error."""
+    problems, damaged = [], []
+    checkpoint.quarantine_unreadable_metrics(run_dir)
+    for step in checkpoint.all_steps(run_dir):
+        path = checkpoint.checkpoint_dir(run_dir) / str(step)
+        try:
+            meta = checkpoint.read_meta(run_dir, step)
+            data = checkpoint.read_data_state(run_dir, step)
+            checkpoint.check_same_model(path, meta["spec"], dataclasses.asdict(pre.spec))
+            check_config_change(path, meta["config"], cfg, allow_change)
+            train_step.active = set(meta["trainable_paths"])
+            state = _restore_state(run_dir, cfg, pre, train_step, step)
+        except checkpoint.CorruptCheckpointError as e:
+            log.warning("skipping damaged checkpoint: %s", e)
+            problems.append(str(e))
+            damaged.append(step)
+            continue
+        if meta.get("source", {}).get("files") != pre.source.get("files"):
+            log.warning("the pretrained files at %s changed since this run started", pre.folder)
+        if len(data["process_states"]) != jax.process_count():
+            log.warning(
+                "resuming on %d processes; the checkpoint was saved by %d, so the data order from here on differs",
+                jax.process_count(),
+                len(data["process_states"]),
+            )
+        for bad in damaged:  # newer than the resume point: the replayed steps will save them again
+            if jax.process_index() == 0:
+                log.warning("moved damaged checkpoint %d to %s", bad, checkpoint.move_aside(run_dir, bad))
+        if damaged and jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxft: damaged checkpoints moved")
+        log.info("resuming from %s", path)
+        return ResumePoint(step, state, data)
+    if problems:
+        raise checkpoint.RunCheckpointError(
+            f"{checkpoint.checkpoint_dir(run_dir)}: no usable checkpoint ({'; '.join(problems)})"
+        )
+    return None
+
+
+def _restore_state(
+    run_dir: Path, cfg: Config, pre: pretrained.Pretrained, train_step: PhasedTrainStep, step: int
+) -> TrainState:
+    """The abstract state of the checkpoint's freeze phase, in this mesh's shardings, filled from disk."""
+    m = train_step.mesh
+    trainable, frozen = split_params((pre.graphdef, pre.params), train_step.active)
+    tx = train_step.build_optimizer(trainable)
+    trainable_sh = sharding.tree_shardings(trainable, pre.param_shardings)
+    frozen_sh = sharding.tree_shardings(frozen, pre.param_shardings)
+    opt_abstract = abstract_opt_state(tx, trainable)
+    opt_sh = sharding.shard_like_params(opt_abstract, trainable, trainable_sh, m)
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=opt_abstract, rng=rng
+    )
+    shardings = TrainState(
+        step=replicated(m), trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=replicated(m)
+    )
+    return checkpoint.restore_checkpoint(run_dir, abstract, shardings, step)
+
+
+def _process_data_state(data: dict[str, Any]) -> dict[str, Any]:
+    states = data["process_states"]
+    return states[jax.process_index()] if len(states) == jax.process_count() else states[0]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _configured_graphdef(pre: pretrained.Pretrained, cfg: Config) -> nnx.GraphDef:
@@ -179,12 +325,6 @@ def _configured_graphdef(pre: pretrained.Pretrained, cfg: Config) -> nnx.GraphDe
 def _opt_shardings(tx, trainable: nnx.State, m) -> Any:
     abstract = abstract_opt_state(tx, trainable)
     return sharding.shard_like_params(abstract, trainable, shardings_of(trainable), m)
-
-
-def _metrics_writer(run_dir: Path):
-    from jaxft.metrics import MetricsWriter
-
-    return MetricsWriter(run_dir)
 
 
 def run_metadata(

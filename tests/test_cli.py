@@ -68,10 +68,14 @@ def test_demo_config_end_to_end_then_predict_and_plan(tmp_path, data_dir):
     assert "P('fsdp', 'tensor')" in r.stdout or "P('fsdp'," in r.stdout
     assert "optimizer" in r.stdout and "frozen" in r.stdout
 
-    # A second train into the same run dir must not overwrite its checkpoints.
+    # A second train into the same run dir resumes it: finished, so nothing is written over; a config
+    # that changes the result is refused and names the difference.
     before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     r = run_cli("train", DEMO, "--run-dir", str(run_dir), *TINY)
-    assert r.returncode == 2 and "already holds checkpoints" in r.stderr
+    assert r.returncode == 0 and "run already complete at step 4" in r.stdout, r.stderr[-3000:]
+    r = run_cli("train", DEMO, "--run-dir", str(run_dir), *TINY, "optim.learning_rate=0.5")
+    assert r.returncode == 2 and "optim.learning_rate (0.0001 -> 0.5)" in r.stderr, r.stderr[-3000:]
+    assert "--allow-config-change" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
 
 

@@ -1,0 +1,85 @@
+"""Evaluation over a held-out split: sums per-batch stats from the jitted eval step into loss, accuracy
+and macro-F1; and `jaxft eval` of a saved checkpoint. It owns no model math (step.py does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxft import compile, mesh
+from jaxft.config import ConfigError, apply_overrides, from_dict, validate
+from jaxft.data import pipeline
+
+
+def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
+    """Loss and accuracy over all weighted examples (tokens for token tasks); macro-F1 averages the
+    per-class F1 over every class that occurs in the labels or the predictions."""
+    count = max(float(totals["count"]), 1.0)
+    tp, predicted, true = (np.asarray(totals[k], np.float64) for k in ("tp", "predicted", "true"))
+    present = (predicted + true) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(predicted + true, 1e-12), 0.0)
+    return {
+        "eval_loss": float(totals["loss_sum"]) / count,
+        "eval_accuracy": float(totals["correct"]) / count,
+        "eval_macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "eval_examples": float(totals["count"]),
+    }
+
+
+def build_evaluate(
+    eval_step: Callable, source: Any, encoder: pipeline.Encoder, batch_size: int, m: Any
+) -> Callable[[Any, Any], dict[str, float]]:
+    """evaluate(trainable, frozen) over every example of `source` once; {} when there is no eval split."""
+
+    def evaluate(trainable: Any, frozen: Any) -> dict[str, float]:
+        if source is None:
+            return {}
+        pending = [
+            eval_step(trainable, frozen, mesh.make_global_batch(host_batch, m))
+            for host_batch in pipeline.iter_eval_batches(source, encoder, batch_size)
+        ]
+        totals: dict[str, Any] = {}
+        for stats in jax.device_get(pending):  # one transfer after all batches are queued
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+        return summarize(totals)
+
+    return evaluate
+
+
+def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[str, Any], Path]:
+    """Evaluates one checkpoint of a run on its eval split (or the one `data.*` overrides name) and
+    writes RUN_DIR/eval-<step>.json."""
+    from jaxft.predict import load_run_model
+
+    bad = [o for o in overrides if not o.startswith("data.")]
+    if bad:
+        raise ConfigError(f"{bad[0]!r}: jaxft eval takes only data.* overrides")
+    graphdef, params, meta, m, step = load_run_model(run_dir, step)
+    cfg = validate(apply_overrides(from_dict(meta["config"]), list(overrides)))
+    sources = pipeline.open_sources(cfg.data, task=meta["spec"]["task"])
+    if sources.eval is None:
+        raise pipeline.DataError(f"data.eval_split: {cfg.data.eval_split!r} is not a split of {cfg.data.dataset}")
+    if list(sources.label_names) != list(meta["label_names"]):
+        raise pipeline.DataError(
+            f"data: labels {list(sources.label_names)} differ from the run's {meta['label_names']}"
+        )
+    batch_size = -(-cfg.train.eval_batch_size // mesh.data_parallel_size(m)) * mesh.data_parallel_size(m)
+    encoder = pipeline.Encoder(Path(meta["source"]["path"]), cfg.data.max_length, sources)
+    evaluate = build_evaluate(compile.jit_eval_step(graphdef, m), sources.eval, encoder, batch_size, m)
+    metrics = evaluate(params, type(params)({}))  # all parameters as one partition: eval has no split
+    record = {"step": step, "dataset": cfg.data.dataset, "split": cfg.data.eval_split, **metrics}
+    out = Path(run_dir) / f"eval-{step}.json"
+    if jax.process_index() == 0:
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{out.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, out)
+    return record, out

@@ -1,0 +1,337 @@
+"""Resume and preemption: a run killed at a random step and resumed ends bitwise equal to an uninterrupted
+one (across epoch boundaries); SIGTERM saves and exits 0; a kill during an async save keeps the previous
+checkpoint; restore onto another mesh; config changes on resume; the non-finite policies."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft.config import CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "minilm_sentiment.py")
+
+
+def write_dataset(path: Path, n: int = 40) -> Path:
+    words = (("great", "lovely", "works"), ("awful", "broken", "refund"))
+    rows = [{"text": f"item {i} " + " ".join(words[i % 2]), "label": ("pos", "neg")[i % 2]} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_config(tmp_path: Path, tiny: Path, max_steps: int = 12, every: int = 2) -> Path:
+    """40 examples in batches of 8: an epoch is 5 steps, so 12 steps cross two epoch boundaries."""
+    data = write_dataset(tmp_path / "data.jsonl")
+    path = tmp_path / "resume_config.py"
+    path.write_text(
+        "from jaxft.config import *\n"
+        "config = Config(\n"
+        f"    model=ModelConfig(source={str(tiny)!r}),\n"
+        "    mesh=MeshConfig(data=8),\n"
+        "    optim=OptimConfig(learning_rate=1e-3, warmup_steps=2),\n"
+        f"    train=TrainConfig(max_steps={max_steps}, batch_size=8, eval_every_steps=0, eval_batch_size=8,"
+        " log_every_steps=1),\n"
+        f"    data=DataConfig(dataset='files', train_files=({str(data)!r},), eval_files=({str(data)!r},),"
+        " max_length=16),\n"
+        f"    checkpoint=CheckpointConfig(every_steps={every}, keep=20),\n"
+        ")\n"
+    )
+    return path
+
+
+def cli_args(config: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "jaxft.cli", "train", str(config), "--run-dir", str(run_dir), *overrides]
+
+
+def run(args, env=None, timeout=600):
+    return subprocess.run(
+        args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout
+    )
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written right now
+    return out
+
+
+def wait_for(predicate, proc, timeout=300.0, poll=0.02):
+    """Polls until predicate() or the process ends; bounded in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return predicate()
+        time.sleep(poll)
+    return False
+
+
+def final_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
+    from jaxft.predict import load_run_model
+
+    _, params, _, _, _ = load_run_model(run_dir, step)
+    return {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value())) for p, v in params.flat_state()}
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_bert, data_dir):
+    tmp = tmp_path_factory.mktemp("resume")
+    config = write_config(tmp, tiny_bert)
+    reference = tmp / "reference"
+    r = run(cli_args(config, reference))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"tmp": tmp, "config": config, "reference": reference}
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
+    seed = int(time.time())
+    kill_after = random.Random(seed).randint(2, 9)  # the 12-step run crosses epochs at steps 5 and 10
+    run_dir = setup["tmp"] / f"killed-{seed}"
+    proc = subprocess.Popen(
+        cli_args(setup["config"], run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        seen = wait_for(lambda: any(r["step"] >= kill_after for r in records(run_dir)), proc)
+        assert seen and proc.poll() is None, f"run ended before step {kill_after} (seed {seed})"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    resumed = run(cli_args(setup["config"], run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr, f"seed {seed}: the second run did not resume"
+    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+    assert losses(run_dir) == losses(setup["reference"]), f"seed {seed}, killed after step {kill_after}"
+    assert sorted(losses(run_dir)) == list(range(1, 13))
+
+
+def test_sigterm_saves_the_step_it_stopped_at_and_exits_0(setup):
+    run_dir = setup["tmp"] / "sigterm"
+    args = cli_args(setup["config"], run_dir, "checkpoint.every_steps=100")  # no save but the stop's own
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: any(r["step"] >= 3 for r in records(run_dir)), proc)
+        assert proc.poll() is None, "run ended before it could be stopped"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 3 <= stopped < 12
+    from jaxft.checkpoint import complete_steps
+
+    assert complete_steps(run_dir) == [stopped]
+    assert max(r["step"] for r in records(run_dir)) == stopped
+    # The stop is a clean preemption: resuming finishes the run exactly as the reference.
+    resumed = run(cli_args(setup["config"], run_dir, "checkpoint.every_steps=100"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+
+
+def test_config_changes_on_resume(setup, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(setup["reference"], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "12")
+    shutil.rmtree(run_dir / "checkpoints" / "10")
+    r = run(cli_args(setup["config"], run_dir, "train.batch_size=16", "optim.name=sgd"))
+    assert r.returncode == 2
+    assert "optim.name ('adamw' -> 'sgd')" in r.stderr and "train.batch_size (8 -> 16)" in r.stderr
+    assert len(r.stderr.strip().splitlines()[-1]) > 0 and "Traceback" not in r.stderr
+    # Logging-only changes are accepted and the result is unchanged.
+    r = run(cli_args(setup["config"], run_dir, "train.log_every_steps=3", "checkpoint.every_steps=4"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+
+
+def test_allow_config_change_resumes_on_purpose(setup, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(setup["reference"], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "12")
+    r = run(cli_args(setup["config"], run_dir, "optim.learning_rate=0.01", "--allow-config-change"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming with a changed config" in r.stderr and "resuming from" in r.stderr
+
+
+def _in_process_config(tiny: Path, data: Path, mesh=(8, 1, 1), max_steps=8) -> Config:
+    return Config(
+        model=ModelConfig(source=str(tiny)),
+        mesh=MeshConfig(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]),
+        optim=OptimConfig(learning_rate=1e-3),
+        train=TrainConfig(max_steps=max_steps, batch_size=8, eval_every_steps=0, eval_batch_size=8),
+        data=DataConfig(dataset="files", train_files=(str(data),), eval_files=(str(data),), max_length=16),
+        checkpoint=CheckpointConfig(every_steps=4),
+    )
+
+
+def test_restore_onto_another_mesh_and_device_count(tmp_path, tiny_bert, data_dir):
+    import shutil
+
+    from jaxft.train import train
+
+    data = write_dataset(tmp_path / "data.jsonl")
+    reference = tmp_path / "reference"
+    train(_in_process_config(tiny_bert, data), reference)
+    expected = final_params(reference)
+
+    resharded = tmp_path / "resharded"
+    shutil.copytree(reference, resharded)
+    shutil.rmtree(resharded / "checkpoints" / "8")
+    result = train(_in_process_config(tiny_bert, data, mesh=(2, 2, 2)), resharded)
+    assert result.start_step == 4
+    kernel = result.state.trainable["encoder"]["layers"][0]["up"]["kernel"].get_value()
+    assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    got = final_params(resharded)
+    for k in expected:  # other reduction orders: equal up to float rounding, not bitwise
+        np.testing.assert_allclose(got[k], expected[k], atol=2e-5, err_msg=k)
+
+    # Saved on 8 devices, resumed by a process that has 4.
+    four = tmp_path / "four"
+    shutil.copytree(reference, four)
+    shutil.rmtree(four / "checkpoints" / "8")
+    config = tmp_path / "four.py"
+    config.write_text(
+        "from jaxft.config import *\n"
+        f"config = Config(model=ModelConfig(source={str(tiny_bert)!r}), optim=OptimConfig(learning_rate=1e-3),\n"
+        "    train=TrainConfig(max_steps=8, batch_size=8, eval_every_steps=0, eval_batch_size=8),\n"
+        f"    data=DataConfig(dataset='files', train_files=({str(data)!r},), eval_files=({str(data)!r},),\n"
+        "        max_length=16),\n"
+        "    checkpoint=CheckpointConfig(every_steps=4))\n"
+    )
+    r = run(
+        cli_args(config, four, "mesh.data=2", "mesh.fsdp=2"),
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    got = final_params(four)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], atol=2e-5, err_msg=k)
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path, data_dir):
+    """MiniLM's state (params + Adam moments, ~270 MB) takes long enough to write that the kill lands
+    while step 4's temporary directory exists; step 2 must survive and the resume must clean up."""
+    from jaxft.checkpoint import checkpoint_dir, complete_steps
+
+    run_dir = tmp_path / "run"
+    tiny = ["train.max_steps=6", "train.batch_size=8", "data.max_length=16", "train.eval_every_steps=0"]
+    args = [sys.executable, "-m", "jaxft.cli", "train", DEMO, "--run-dir", str(run_dir), *tiny]
+    args += ["checkpoint.every_steps=2", "train.log_every_steps=1"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def saving_step_4() -> bool:
+        d = checkpoint_dir(run_dir)
+        return d.is_dir() and any(p.name.startswith("4.orbax-checkpoint-tmp") for p in d.iterdir())
+
+    try:
+        caught = wait_for(saving_step_4, proc, poll=0.005)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert caught and proc.returncode == -signal.SIGKILL, "the kill did not land during step 4's save"
+    assert complete_steps(run_dir) == [2]
+    final_params(run_dir)  # the previous checkpoint restores
+    r = run([*args[:-2], "checkpoint.every_steps=2", "train.log_every_steps=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr and "/checkpoints/2" in r.stderr
+    assert not [p for p in checkpoint_dir(run_dir).iterdir() if "tmp" in p.name]
+    assert complete_steps(run_dir) == [6, 4, 2]
+
+
+def _limit_file_size(limit_bytes: int):
+    """A child whose writes past `limit_bytes` fail with EFBIG, like a full disk (SIGXFSZ ignored)."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return apply
+
+
+def test_a_failing_save_stops_with_one_line_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    import shutil
+
+    from jaxft.checkpoint import complete_steps
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(setup["reference"], run_dir)
+    for step in (6, 8, 10, 12):
+        shutil.rmtree(run_dir / "checkpoints" / str(step))
+    # The tiny model's embedding table alone is ~4 MB: its array file cannot be written under 1 MB.
+    r = subprocess.run(
+        cli_args(setup["config"], run_dir),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        preexec_fn=_limit_file_size(1 << 20),
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("jaxft: error: ") and "saving step 6 failed" in line, r.stderr[-3000:]
+    assert "the last good checkpoint is step 4" in line and "Traceback" not in r.stderr
+    assert complete_steps(run_dir) == [4, 2]
+    assert_bitwise_equal(final_params(setup["reference"], 4), final_params(run_dir, 4))
+
+
+def test_a_run_trained_on_8_devices_is_read_on_1(setup, tmp_path):
+    """Read-only commands restore into this process's mesh, not the saved one."""
+    one = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r = run([sys.executable, "-m", "jaxft.cli", "eval", str(setup["reference"]), "--step", "12"], env=one)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours = json.loads((setup["reference"] / "eval-12.json").read_text())
+    final = [x for x in records(setup["reference"]) if "eval_loss" in x][-1]
+    assert abs(ours["eval_loss"] - final["eval_loss"]) < 1e-5
+
+
+def test_unreadable_checkpoint_metrics_are_moved_aside_not_fatal(setup, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(setup["reference"], run_dir)
+    metrics_file = run_dir / "checkpoints" / "12" / "metrics" / "metrics"
+    assert metrics_file.is_file()  # the final eval's metrics, written for keep_best_metric
+    metrics_file.write_bytes(b"\x00garbage")
+    r = run(cli_args(setup["config"], run_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "unreadable checkpoint metrics" in r.stderr and (run_dir / "damaged_checkpoints" / "12").is_dir()
+    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
