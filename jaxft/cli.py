@@ -208,14 +208,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except errors as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
-        from jaxft.checkpoint import CheckpointSaveError
-
-        if isinstance(e, CheckpointSaveError):
-            # Orbax's writer threads may still be failing on the dead write; leaving through interpreter
-            # shutdown makes them print tracebacks after this line. Every jaxft file is closed by now.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
         return 2
     except FileExistsError as e:
         print(f"jaxft: error: {e.filename or e}: already exists; refusing to overwrite", file=sys.stderr)
@@ -225,5 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The console script. After a failure, Orbax's writer threads and tensorstore's unfinished reads would
+    print tracebacks during interpreter shutdown, after the one-line error; every jaxft file is closed by
+    then, so the process leaves at once."""
+    code = main()
+    if code != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -52,10 +52,24 @@ def cli_args(config: Path, run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "jaxft.cli", "train", str(config), "--run-dir", str(run_dir), *overrides]
 
 
+# Subprocess runs share a persistent XLA compilation cache: a resumed run reuses the step compiled by
+# the run before it (the same program, so the same results), which keeps these tests quick.
+CHILD_ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    CHILD_ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
+    yield
+    CHILD_ENV.clear()
+
+
+def child_env(extra=None) -> dict[str, str]:
+    return {**os.environ, **CHILD_ENV, **(extra or {})}
+
+
 def run(args, env=None, timeout=600):
-    return subprocess.run(
-        args, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=timeout
-    )
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=child_env(env), timeout=timeout)
 
 
 def records(run_dir: Path) -> list[dict]:
@@ -115,7 +129,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
     kill_after = random.Random(seed).randint(2, 9)  # the 12-step run crosses epochs at steps 5 and 10
     run_dir = setup["tmp"] / f"killed-{seed}"
     proc = subprocess.Popen(
-        cli_args(setup["config"], run_dir), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cli_args(setup["config"], run_dir), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
         seen = wait_for(lambda: any(r["step"] >= kill_after for r in records(run_dir)), proc)
@@ -137,7 +151,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
 def test_sigterm_saves_the_step_it_stopped_at_and_exits_0(setup):
     run_dir = setup["tmp"] / "sigterm"
     args = cli_args(setup["config"], run_dir, "checkpoint.every_steps=100")  # no save but the stop's own
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: any(r["step"] >= 3 for r in records(run_dir)), proc)
         assert proc.poll() is None, "run ended before it could be stopped"
@@ -252,7 +266,7 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path, da
     tiny = ["train.max_steps=6", "train.batch_size=8", "data.max_length=16", "train.eval_every_steps=0"]
     args = [sys.executable, "-m", "jaxft.cli", "train", DEMO, "--run-dir", str(run_dir), *tiny]
     args += ["checkpoint.every_steps=2", "train.log_every_steps=1"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def saving_step_4() -> bool:
         d = checkpoint_dir(run_dir)
@@ -302,6 +316,7 @@ def test_a_failing_save_stops_with_one_line_and_keeps_the_last_good_checkpoint(s
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=child_env(),
         timeout=600,
         preexec_fn=_limit_file_size(1 << 20),
     )
