@@ -1,0 +1,213 @@
+"""The Llama-family HF key table (Llama, Mistral, Qwen2, Qwen3): every rename, transpose and layer stacking
+between HF tensors and jaxft parameters, and the LlamaSpec read from an HF config.
+
+Reading or writing files is load.py's and export's job; this module only names and reshapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxft.models import bert_hf
+from jaxft.models.bert_hf import ArchitectureError
+from jaxft.models.llama import ACTIVATIONS, ROPE_TYPES, LlamaSpec, RopeSpec
+
+__all__ = ["ArchitectureError", "HFEntry", "hf_entry", "hf_shape", "spec_from_hf_config", "to_hf", "to_jaxft"]
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Kinds are bert_hf's: copy (same shape), flat (HF [N*H] -> [N, H]), linear1 / linear2 (torch Linear [out, in]
+# -> kernel [in..., out...] with one / two input dims).
+# (jaxft path regex outside the layers, HF key template, kind)
+GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
+    (r"embed", "model.embed_tokens.weight", "copy"),
+    (r"norm/scale", "model.norm.weight", "copy"),
+    (r"lm_head/kernel", "lm_head.weight", "linear1"),
+)
+# (jaxft path regex inside one layer, HF key template after "model.layers.{i}.", kind)
+LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
+    (r"attention/(q|k|v)/kernel", "self_attn.{0}_proj.weight", "linear1"),
+    (r"attention/(q|k|v)/bias", "self_attn.{0}_proj.bias", "flat"),
+    (r"attention/o/kernel", "self_attn.o_proj.weight", "linear2"),
+    (r"attention/o/bias", "self_attn.o_proj.bias", "copy"),
+    (r"attention/(q|k)_norm/scale", "self_attn.{0}_norm.weight", "copy"),
+    (r"attention_norm/scale", "input_layernorm.weight", "copy"),
+    (r"mlp_norm/scale", "post_attention_layernorm.weight", "copy"),
+    (r"mlp/(gate|up|down)/kernel", "mlp.{0}_proj.weight", "linear1"),
+    (r"mlp/(gate|up|down)/bias", "mlp.{0}_proj.bias", "copy"),
+)
+LAYER_PREFIX = "model.layers.{}."
+
+
+@dataclasses.dataclass(frozen=True)
+class HFEntry:
+    """The HF tensors behind one jaxft parameter: one key, or one key per layer when `stacked` (scan_layers)."""
+
+    keys: tuple[str, ...]
+    kind: str
+    stacked: bool
+
+
+def hf_entry(path: str, num_layers: int) -> HFEntry | None:
+    """The HF key(s) and kind for a '/'-joined jaxft parameter path, or None if the table has no entry.
+
+    `layers/3/mlp/up/kernel` (unscanned) names one key; `layers/mlp/up/kernel` (scanned) names num_layers keys.
+    """
+    for pattern, template, kind in GLOBAL_TABLE:
+        if re.fullmatch(pattern, path):
+            return HFEntry((template,), kind, False)
+    m = re.fullmatch(r"layers/(?:(\d+)/)?(.+)", path)
+    if m is None:
+        return None
+    index, rest = m.groups()
+    for pattern, template, kind in LAYER_TABLE:
+        inner = re.fullmatch(pattern, rest)
+        if inner:
+            key = template.format(*inner.groups())
+            layers = range(num_layers) if index is None else (int(index),)
+            return HFEntry(tuple(LAYER_PREFIX.format(i) + key for i in layers), kind, index is None)
+    return None
+
+
+def hf_shape(entry: HFEntry, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of each HF tensor of `entry` for a jaxft parameter of `shape`."""
+    return bert_hf.hf_shape(entry.kind, tuple(shape[1:]) if entry.stacked else tuple(shape))
+
+
+def to_jaxft(entry: HFEntry, tensors: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensors (in entry.keys order) -> the jaxft parameter; stacked entries stack the layers on axis 0."""
+    if not entry.stacked:
+        return bert_hf.to_jaxft(entry.kind, tensors[0], tuple(shape))
+    return np.stack([bert_hf.to_jaxft(entry.kind, t, tuple(shape[1:])) for t in tensors])
+
+
+def to_jaxft_block(
+    entry: HFEntry, read: Callable[[str], np.ndarray], shape: tuple[int, ...], index: tuple[slice, ...]
+) -> np.ndarray:
+    """Only the block `index` of the jaxft parameter (a `make_array_from_callback` shard), reading only the
+    layers that block covers, so a stacked parameter never exists whole on the host."""
+    if not entry.stacked:
+        return bert_hf.to_jaxft(entry.kind, read(entry.keys[0]), tuple(shape))[index]
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    layers = range(*index[0].indices(shape[0]))
+    blocks = [bert_hf.to_jaxft(entry.kind, read(entry.keys[i]), tuple(shape[1:]))[index[1:]] for i in layers]
+    return np.stack(blocks)
+
+
+def to_hf(entry: HFEntry, array: np.ndarray) -> dict[str, np.ndarray]:
+    """The jaxft parameter -> {HF key: tensor}; a stacked parameter unstacks into one tensor per layer."""
+    if not entry.stacked:
+        return {entry.keys[0]: bert_hf.to_hf(entry.kind, array)}
+    return {key: bert_hf.to_hf(entry.kind, array[i]) for i, key in enumerate(entry.keys)}
+
+
+def ignorable_keys(spec: LlamaSpec) -> tuple[str, ...]:
+    """Checkpoint keys (regexes) that may be present but have no parameter: old RoPE buffers, a tied lm_head."""
+    keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    return keys + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def spec_from_hf_config(hf: dict[str, Any], *, scan_layers: bool = True) -> LlamaSpec:
+    """LlamaSpec from an HF config.json dict; ArchitectureError names whatever is not supported."""
+    model_type = hf.get("model_type", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ArchitectureError(
+            f"model_type {model_type!r} is not a Llama-family decoder (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    hidden_act = hf.get("hidden_act", "silu")
+    if hidden_act not in ACTIVATIONS:
+        raise ArchitectureError(f"hidden_act {hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    if hf.get("attention_dropout", 0.0):
+        raise ArchitectureError(f"attention_dropout {hf['attention_dropout']} is not supported (only 0.0)")
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ArchitectureError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    attention_bias = bool(hf.get("attention_bias", False))
+    return LlamaSpec(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf["intermediate_size"],
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        hidden_act=hidden_act,
+        max_positions=hf.get("max_position_embeddings", 2048),
+        rope=rope_from_hf_config(hf),
+        sliding_window=sliding_window_from_hf_config(hf),
+        # Qwen2 always has q/k/v biases and no o bias; Llama and Qwen3 put `attention_bias` on all four.
+        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
+        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        scan_layers=scan_layers,
+    )
+
+
+def rope_from_hf_config(hf: dict[str, Any]) -> RopeSpec:
+    """RoPE settings from `rope_parameters` (transformers v5) or `rope_theta` + `rope_scaling` (older configs)."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ArchitectureError("per-layer-type rope_parameters are not supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ArchitectureError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ArchitectureError(f"partial_rotary_factor {partial} is not supported (only 1.0)")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if kind == "default":
+        return RopeSpec(theta=theta)
+    needed = ["factor"]
+    if kind == "llama3":
+        needed += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+    missing = [k for k in needed if params.get(k) is None]
+    if missing:
+        raise ArchitectureError(f"rope_scaling type {kind!r} needs {', '.join(missing)}")
+    if kind != "llama3":
+        return RopeSpec(theta=theta, kind=kind, factor=float(params["factor"]))
+    return RopeSpec(
+        theta=theta,
+        kind=kind,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_positions=int(params["original_max_position_embeddings"]),
+    )
+
+
+def sliding_window_from_hf_config(hf: dict[str, Any]) -> int | None:
+    """The one window every layer uses, or None for full causal attention. A mix of sliding and full layers
+    (Qwen2/3 with max_window_layers < num_hidden_layers) is rejected: the scanned layers share one static mask."""
+    model_type, window = hf.get("model_type"), hf.get("sliding_window")
+    if model_type == "mistral":
+        return window
+    if model_type not in ("qwen2", "qwen3"):
+        return None
+    layer_types = hf.get("layer_types")
+    if layer_types is None:  # older configs: use_sliding_window switches layers >= max_window_layers
+        sliding = bool(hf.get("use_sliding_window", False)) and window is not None
+        first = hf.get("max_window_layers", 0)
+        layer_types = [
+            "sliding_attention" if sliding and i >= first else "full_attention" for i in range(hf["num_hidden_layers"])
+        ]
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"} and window is not None:
+        return window
+    raise ArchitectureError(
+        f"layer_types {sorted(kinds)} (sliding window {window}): only all-full or all-sliding layers are supported"
+    )
