@@ -252,14 +252,21 @@ def read_data_state(run_dir: Path, step: int) -> dict[str, Any]:
     return data
 
 
-# Spec fields that name the architecture; a different head size or dropout is the same model.
-_ARCHITECTURE = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions")
+def check_same_model(path: Path, saved_family: str, saved_spec: dict[str, Any], spec: Any) -> None:
+    """The checkpoint must be of this model: the same family and architecture (a new head or dropout is the
+    same model), and the same parameter layout (scanned or per-layer decoder layers)."""
+    from jaxft import models
 
-
-def check_same_model(path: Path, saved_spec: dict[str, Any], spec: dict[str, Any]) -> None:
-    diffs = [f"{k} {saved_spec.get(k)!r} vs {spec.get(k)!r}" for k in _ARCHITECTURE if saved_spec.get(k) != spec.get(k)]
+    diffs = models.architecture_differences(saved_family, saved_spec, spec)
     if diffs:
         raise RunCheckpointError(f"{path}: checkpoint is from another model ({'; '.join(diffs)})")
+    scanned = getattr(spec, "scan_layers", None)
+    if scanned is not None and saved_spec.get("scan_layers", scanned) != scanned:
+        layout = {True: "scanned (model.scan_layers=true)", False: "per-layer (model.scan_layers=false)"}
+        raise RunCheckpointError(
+            f"{path}: checkpoint layout is {layout[saved_spec['scan_layers']]} but the config asks for "
+            f"{layout[scanned]}"
+        )
 
 
 def select_step(run_dir: Path, step: int | None = None, best: bool = False) -> int:
@@ -376,13 +383,13 @@ def move_aside(run_dir: Path, step: int) -> Path:
 
 
 def restore_params(
-    run_dir: Path, abstract_params: nnx.State, shardings: nnx.State, step: int | None = None, spec: dict | None = None
+    run_dir: Path, abstract_params: nnx.State, shardings: nnx.State, step: int | None = None, spec: Any = None
 ) -> tuple[nnx.State, dict[str, Any], int]:
     """Only the parameters (trainable ∪ frozen) of a run, for predict/eval/export; no optimizer state read."""
     step = select_step(run_dir, step)
     meta = read_meta(run_dir, step)
     if spec is not None:
-        check_same_model(checkpoint_dir(run_dir) / str(step), meta["spec"], spec)
+        check_same_model(checkpoint_dir(run_dir) / str(step), meta.get("family", "bert"), meta["spec"], spec)
     trainable_paths = set(meta["trainable_paths"])
     parts: dict[str, dict] = {"trainable": {}, "frozen": {}}
     for (path, var), (_, sh) in zip(abstract_params.flat_state(), shardings.flat_state()):

@@ -47,29 +47,31 @@ def jit_train_step(
     microbatches: int,
     state_shardings: TrainState,
     mesh: Mesh,
+    task: str = "sequence-classification",
 ) -> Traced:
     fn = functools.partial(
         step_lib.train_step,
         graphdef=graphdef,  # static: the model's structure
         tx=tx,
         schedule=schedule,  # static: pure functions of (grads, state, step)
-        microbatches=microbatches,
-    )  # static: shapes the scan
+        microbatches=microbatches,  # static: shapes the scan
+        task=task,  # static: the forward call and loss (step.TASKS)
+    )
     return Traced(
         fn,
         in_shardings=(
             state_shardings,  # the state stays where it lives: no resharding per step
-            batch_shardings(mesh),
-        ),  # rows split over (data, fsdp)
+            batch_shardings(mesh, step_lib.TASKS[task].fields),  # rows split over (data, fsdp)
+        ),
         out_shardings=(state_shardings, replicated(mesh)),  # metrics are scalars, replicated
         donate_argnums=(0,),  # the old state's buffers become the new state's: no second copy
     )
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh) -> Traced:
+def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, task: str = "sequence-classification") -> Traced:
     # Parameters arrive committed to their shardings; their partition into trainable/frozen changes with
     # gradual unfreezing, so it is not fixed here (a new partition retraces, a new step does not).
-    fn = functools.partial(step_lib.eval_step, graphdef=graphdef)
+    fn = functools.partial(step_lib.eval_step, graphdef=graphdef, task=task)
     return Traced(fn, out_shardings=replicated(mesh))
 
 

@@ -24,12 +24,13 @@ FreezeRule = tuple
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     source: str = "minilm"  # local folder, hub id, or "minilm" (the bundled all-MiniLM-L6-v2)
-    task: str = "sequence-classification"  # or "token-classification"
+    task: str = "sequence-classification"  # or "token-classification" (encoders), "causal-lm" (decoders)
     num_labels: int = 0  # 0: take it from data.label_names
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # "bfloat16" computes in bf16 with fp32 params
     remat: bool = False
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
+    scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class MeshConfig:
         ("norm", None),
         ("positions", None),
         ("types", None),
+        ("layers", None),  # the stacked-layer axis of scanned decoders
+        ("kv_heads", "tensor"),  # grouped-query attention's key/value heads
     )
 
 
@@ -112,6 +115,15 @@ class DataConfig:
     eval_split: str = "test"
     max_length: int = 128
     shuffle_seed: int = 0
+    # Decoder LLMs (model.task="causal-lm"): JSONL of {"prompt", "completion"}, chat {"messages": [...]}, or
+    # {"text"}; or .txt files (documents separated by blank lines).
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    train_on_prompt: bool = False  # False: the loss covers completion/assistant tokens only
+    packing: bool = True  # several examples per row, attention never crossing them
+    truncation: str = "error"  # an example longer than max_length: "error", "left" (keep its end), "drop"
+    chat_template: str = ""  # Jinja chat template for tokenizers without one ("" = a simple built-in one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,13 +151,14 @@ class Config:
 
 
 _CHOICES = {
-    "model.task": ("sequence-classification", "token-classification"),
+    "model.task": ("sequence-classification", "token-classification", "causal-lm"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "optim.name": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "checkpoint.keep_best_mode": ("auto", "min", "max"),
     "train.nonfinite": ("halt", "skip"),
+    "data.truncation": ("error", "left", "drop"),
     "checkpoint.keep_best_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1"),
 }
 _POSITIVE = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +19,32 @@ from jaxft.data import pipeline
 
 
 def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
-    """Loss and accuracy over all weighted examples (tokens for token tasks); macro-F1 averages the
-    per-class F1 over every class that occurs in the labels or the predictions."""
+    """Loss and accuracy over all weighted examples (tokens for token and LM tasks). Classification adds
+    macro-F1, the mean per-class F1 over every class in the labels or the predictions; a causal LM adds
+    perplexity, exp of the per-token loss."""
     count = max(float(totals["count"]), 1.0)
+    out = {
+        "eval_loss": float(totals["loss_sum"]) / count,
+        "eval_accuracy": float(totals["correct"]) / count,
+        "eval_examples": float(totals["count"]),
+    }
+    if "tp" not in totals:
+        return {**out, "eval_perplexity": float(np.exp(min(out["eval_loss"], 700.0)))}
     tp, predicted, true = (np.asarray(totals[k], np.float64) for k in ("tp", "predicted", "true"))
     present = (predicted + true) > 0
     f1 = np.where(present, 2 * tp / np.maximum(predicted + true, 1e-12), 0.0)
-    return {
-        "eval_loss": float(totals["loss_sum"]) / count,
-        "eval_accuracy": float(totals["correct"]) / count,
-        "eval_macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "eval_examples": float(totals["count"]),
-    }
+    return {**out, "eval_macro_f1": float(f1[present].mean()) if present.any() else 0.0}
 
 
 def build_evaluate(
-    eval_step: Callable, source: Any, encoder: pipeline.Encoder, batch_size: int, m: Any
+    eval_step: Callable, host_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None, m: Any
 ) -> Callable[[Any, Any], dict[str, float]]:
-    """evaluate(trainable, frozen) over every example of `source` once; {} when there is no eval split."""
+    """evaluate(trainable, frozen) over every batch `host_batches()` yields; {} when there is no eval split."""
 
     def evaluate(trainable: Any, frozen: Any) -> dict[str, float]:
-        if source is None:
+        if host_batches is None:
             return {}
-        pending = [
-            eval_step(trainable, frozen, mesh.make_global_batch(host_batch, m))
-            for host_batch in pipeline.iter_eval_batches(source, encoder, batch_size)
-        ]
+        pending = [eval_step(trainable, frozen, mesh.make_global_batch(b, m)) for b in host_batches()]
         totals: dict[str, Any] = {}
         for stats in jax.device_get(pending):  # one transfer after all batches are queued
             for k, v in stats.items():
@@ -52,6 +52,13 @@ def build_evaluate(
         return summarize(totals)
 
     return evaluate
+
+
+def classification_batches(source: Any, encoder: pipeline.Encoder, batch_size: int):
+    """host_batches for build_evaluate over a classification eval split, or None without one."""
+    if source is None:
+        return None
+    return lambda: pipeline.iter_eval_batches(source, encoder, batch_size)
 
 
 def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[str, Any], Path]:
@@ -64,7 +71,9 @@ def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[
         raise ConfigError(f"{bad[0]!r}: jaxft eval takes only data.* overrides")
     graphdef, params, meta, m, step = load_run_model(run_dir, step)
     cfg = validate(apply_overrides(from_dict(meta["config"]), list(overrides)))
-    sources = pipeline.open_sources(cfg.data, task=meta["spec"]["task"])
+    if cfg.model.task == "causal-lm":
+        raise ConfigError(f"{run_dir}: jaxft eval of a causal-lm run is not supported yet (its training evals are)")
+    sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
     if sources.eval is None:
         raise pipeline.DataError(f"data.eval_split: {cfg.data.eval_split!r} is not a split of {cfg.data.dataset}")
     if list(sources.label_names) != list(meta["label_names"]):
@@ -73,7 +82,8 @@ def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[
         )
     batch_size = -(-cfg.train.eval_batch_size // mesh.data_parallel_size(m)) * mesh.data_parallel_size(m)
     encoder = pipeline.Encoder(Path(meta["source"]["path"]), cfg.data.max_length, sources)
-    evaluate = build_evaluate(compile.jit_eval_step(graphdef, m), sources.eval, encoder, batch_size, m)
+    batches = classification_batches(sources.eval, encoder, batch_size)
+    evaluate = build_evaluate(compile.jit_eval_step(graphdef, m), batches, m)
     metrics = evaluate(params, type(params)({}))  # all parameters as one partition: eval has no split
     record = {"step": step, "dataset": cfg.data.dataset, "split": cfg.data.eval_split, **metrics}
     out = Path(run_dir) / f"eval-{step}.json"

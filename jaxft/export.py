@@ -26,7 +26,7 @@ import numpy as np
 from jaxft.checkpoint import RunCheckpointError
 from jaxft.models import BertSpec, bert_hf
 from jaxft.paths import path_str
-from jaxft.predict import load_run_model
+from jaxft.predict import load_run_model, read_run
 
 log = logging.getLogger("jaxft.export")
 
@@ -112,6 +112,9 @@ def export_run(
         raise ExportError(f"{run_dir}: not a jaxft run dir (no run.json)")
     _on_process0(lambda: check_out_dir(out_dir))
     try:
+        family = read_run(run_dir).get("family", "bert")
+        if family != "bert":
+            raise ExportError(f"{run_dir}: export of {family} (decoder) runs is not supported yet")
         _, params, meta, _, step = load_run_model(run_dir, step)
     except RunCheckpointError as e:
         raise ExportError(str(e)) from e

@@ -96,9 +96,15 @@ def _alternation(indices) -> str:
     return "|".join(str(i) for i in indices)
 
 
-def unfreeze_groups(plan: FreezePlan, num_layers: int) -> list[list[str]]:
-    """Trainable parameters in layer groups, top down: head, layer N-1, …, layer 0, embeddings."""
-    patterns = [r"(pooler|classifier)/.*"] + [rf"encoder/layers/{i}/.*" for i in reversed(range(num_layers))]
+def unfreeze_groups(
+    plan: FreezePlan,
+    num_layers: int,
+    layer_pattern: str = r"encoder/layers/{i}/.*",
+    head_pattern: str = r"(pooler|classifier)/.*",
+) -> list[list[str]]:
+    """Trainable parameters in layer groups, top down: head, layer N-1, …, layer 0, the rest (embeddings).
+    `layer_pattern` names layer i's parameters, `head_pattern` the head's (each family has its own)."""
+    patterns = [head_pattern] + [layer_pattern.format(i=i) for i in reversed(range(num_layers))]
     patterns.append(r".*")
     taken = paths.match_first(plan.trainable_paths, patterns, "gradual unfreezing groups", require_used=False)
     groups: list[list[str]] = [[] for _ in patterns]

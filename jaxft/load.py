@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from jaxft import paths
-from jaxft.models import bert_hf
+from jaxft.models import bert_hf, llama_hf
+from jaxft.models.llama_hf import HFEntry
 
 log = logging.getLogger("jaxft.load")
 
@@ -203,42 +204,41 @@ def hash_files(files: list[Path]) -> dict[str, str]:
 def plan_merge(
     param_shapes: dict[str, tuple[int, ...]],
     source: TensorSource,
-    prefix: str,
+    entry_of: Callable[[str], HFEntry | None],
     new_params: tuple[str, ...],
     ignore_unused: tuple[str, ...],
-) -> dict[str, tuple[str, str]]:
-    """Matches every parameter to a checkpoint tensor; raises one error listing every problem.
+) -> dict[str, HFEntry]:
+    """Matches every parameter to its checkpoint tensor(s); raises one error listing every problem.
 
-    Returns {param path: (hf key, kind)} for the parameters to load. Parameters on `new_params` that the
+    Returns {param path: HF entry} for the parameters to load. Parameters on `new_params` that the
     checkpoint lacks or holds in another shape keep their init (and are logged); anything else missing,
     unexpected or mis-shaped fails.
     """
     keys = dict(source.shapes)
-    # Task checkpoints prefix the body ("bert."); bare encoders (BertModel, MiniLM) do not.
-    if not any(k.startswith(prefix) for k in keys):
-        prefix = ""
     plan, problems, fresh, used = {}, [], [], set()
     for path, shape in param_shapes.items():
-        entry = bert_hf.hf_key_for(path, prefix)
+        entry = entry_of(path)
         if entry is None:
             problems.append(f"{path}: no HF key in the table")
             continue
-        key, kind = entry
-        expected = bert_hf.hf_shape(kind, shape)
-        if key not in keys:
+        expected = llama_hf.hf_shape(entry, shape)
+        missing = [k for k in entry.keys if k not in keys]
+        if missing:
             if paths.matches_any(path, new_params):
                 fresh.append(path)
             else:
-                problems.append(f"missing {key} (for {path}, expected {list(expected)})")
+                problems += [f"missing {k} (for {path}, expected {list(expected)})" for k in missing]
             continue
-        used.add(key)
-        if tuple(keys[key]) != tuple(expected):
+        used.update(entry.keys)
+        wrong = [k for k in entry.keys if tuple(keys[k]) != tuple(expected)]
+        if wrong:
             if paths.matches_any(path, new_params):  # e.g. a 2-label head reused for 3 labels
-                fresh.append(f"{path} (checkpoint {key} has {list(keys[key])}, the model needs {list(expected)})")
+                k = wrong[0]
+                fresh.append(f"{path} (checkpoint {k} has {list(keys[k])}, the model needs {list(expected)})")
             else:
-                problems.append(f"mis-shaped {key}: expected {list(expected)}, found {list(keys[key])}")
+                problems += [f"mis-shaped {k}: expected {list(expected)}, found {list(keys[k])}" for k in wrong]
             continue
-        plan[path] = (key, kind)
+        plan[path] = entry
     for key in sorted(set(keys) - used):
         if not paths.matches_any(key, ignore_unused):
             problems.append(f"unexpected {key} {list(keys[key])}")
@@ -251,18 +251,30 @@ def plan_merge(
 
 
 def iter_placed(
-    plan: dict[str, tuple[str, str]],
+    plan: dict[str, HFEntry],
     source: TensorSource,
     param_shapes: dict[str, tuple[int, ...]],
     shardings: dict[str, jax.sharding.Sharding],
     dtypes: dict[str, Any],
 ) -> Iterator[tuple[str, jax.Array]]:
-    """Yields (path, global array) one tensor at a time, each built only from its addressable shards."""
-    for path, (key, kind) in plan.items():
-        host = bert_hf.to_jaxft(kind, source.get(key), param_shapes[path]).astype(dtypes[path], copy=False)
-        array = jax.make_array_from_callback(host.shape, shardings[path], lambda index, h=host: h[index])
-        del host
-        yield path, array
+    """Yields (path, global array) one tensor at a time, each device's block built only from the HF tensors
+    it covers (a stacked layer parameter reads only the layers of its block)."""
+    for path, entry in plan.items():
+        yield path, _place(entry, source, param_shapes[path], shardings[path], dtypes[path])
+
+
+def _place(entry: HFEntry, source: TensorSource, shape, sharding, dtype) -> jax.Array:
+    cache: dict[str, np.ndarray] = {}  # replicated blocks ask for the same tensor once per device
+
+    def block(index):
+        if entry.stacked:
+            read = lambda key: cache[key] if key in cache else cache.setdefault(key, source.get(key))
+            return llama_hf.to_jaxft_block(entry, read, shape, index).astype(dtype, copy=False)
+        if "" not in cache:  # one reshape/transpose per tensor, however many devices hold a block of it
+            cache[""] = llama_hf.to_jaxft(entry, [source.get(entry.keys[0])], shape).astype(dtype, copy=False)
+        return cache[""][index]
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 def source_identity(folder: Path, source: TensorSource) -> dict[str, Any]:
@@ -272,11 +284,12 @@ def source_identity(folder: Path, source: TensorSource) -> dict[str, Any]:
 def load_pretrained(
     folder: Path,
     abstract_params: Any,
-    prefix: str,
+    entry_of: Callable[[str], HFEntry | None],
     shardings: dict[str, jax.sharding.Sharding],
     new_params: tuple[str, ...],
     ignore_unused: tuple[str, ...],
     init_fresh: Callable[[set[str]], dict[str, jax.Array]],
+    source: TensorSource | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Merges a checkpoint into the abstract parameter State: a State of sharded arrays, and the source identity.
 
@@ -284,11 +297,11 @@ def load_pretrained(
     """
     from flax import nnx
 
-    source = open_checkpoint(folder)
+    source = source or open_checkpoint(folder)
     flat = {paths.path_str(p): (p, v) for p, v in abstract_params.flat_state()}
     shapes = {name: tuple(v.shape) for name, (_, v) in flat.items()}
     dtypes = {name: v.dtype for name, (_, v) in flat.items()}
-    plan = plan_merge(shapes, source, prefix, new_params, ignore_unused)
+    plan = plan_merge(shapes, source, entry_of, new_params, ignore_unused)
     values = dict(iter_placed(plan, source, shapes, shardings, dtypes))
     values.update(init_fresh(set(shapes) - set(values)))
     state = nnx.from_flat_state({p: v.replace(values[name]) for name, (p, v) in flat.items()})

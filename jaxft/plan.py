@@ -36,7 +36,10 @@ def _fmt(n: float) -> str:
 
 def describe_plan(cfg: Config) -> str:
     m = mesh.build_mesh(cfg.mesh)
-    labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
+    if cfg.model.task == "causal-lm":
+        labels: tuple[str, ...] = ()  # an LM's head is its vocabulary: no data needed to shape it
+    else:
+        labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
     _, _, spec = pretrained.read_spec(cfg.model, len(labels))
     _, abstract = models.build_abstract_model(spec, cfg.model.param_dtype)
     specs = sharding.infer_param_specs(abstract, cfg.mesh.rules, m)

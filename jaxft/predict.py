@@ -41,10 +41,10 @@ def load_run_model(run_dir: Path, step: int | None = None):
         m = mesh.build_mesh(cfg.mesh)
     except mesh.MeshError:  # trained on another device count: data-parallel over what this host has
         m = mesh.build_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-    spec = models.BertSpec(**meta["spec"])
+    spec = models.spec_from_dict(meta.get("family", "bert"), meta["spec"])
     graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype)
     shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
-    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, meta["spec"])
+    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, spec)
     return graphdef, params, meta, m, step
 
 
@@ -53,7 +53,9 @@ def predict_file(
 ) -> int:
     """Writes each input line with `label` and `probs` added (token tasks: `labels` and `probs` per
     whitespace word); the output file appears only when complete."""
-    read_run(run_dir)  # fail on a wrong run dir before reading anything else
+    meta = read_run(run_dir)  # fail on a wrong run dir before reading anything else
+    if meta["config"].get("model", {}).get("task") == "causal-lm":
+        raise DataError(f"{run_dir}: predict labels text with a classifier; this run is a causal LM")
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input")
     records = [r for _, r in read_records(input_path)]

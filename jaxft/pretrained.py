@@ -18,29 +18,33 @@ from jaxft import load as load_io
 from jaxft import models, sharding
 from jaxft.config import LoadConfig, MeshConfig, ModelConfig
 from jaxft.mesh import build_mesh
-from jaxft.models import bert_hf
 
 
 @dataclasses.dataclass
 class Pretrained:
     folder: Path
     hf_config: dict[str, Any]
-    spec: models.BertSpec
+    spec: Any  # the family's spec (models.BertSpec, models.LlamaSpec)
     graphdef: nnx.GraphDef
     params: nnx.State  # sharded arrays
     param_shardings: dict[str, jax.sharding.NamedSharding]
     source: dict[str, Any]  # path and file hashes
 
-    def model(self, compute_dtype: Any = jnp.float32) -> models.BertModel:
+    @property
+    def family(self) -> models.Family:
+        return models.family_for_spec(self.spec)
+
+    def model(self, compute_dtype: Any = jnp.float32) -> nnx.Module:
         return nnx.merge(self.graphdef, self.params).configure(compute_dtype)
 
 
-def read_spec(model_cfg: ModelConfig, num_labels: int) -> tuple[Path, dict[str, Any], models.BertSpec]:
+def read_spec(model_cfg: ModelConfig, num_labels: int) -> tuple[Path, dict[str, Any], Any]:
     folder = load_io.resolve_source(model_cfg.source)
     hf = load_io.read_hf_config(folder)
+    family = models.family_of(hf, model_cfg.task)
     if num_labels <= 0:
         num_labels = model_cfg.num_labels or hf.get("num_labels") or len(hf.get("id2label", {})) or 2
-    spec = bert_hf.spec_from_hf_config(hf, model_cfg.task, num_labels, model_cfg.dropout_rate)
+    spec = family.read_spec(hf, model_cfg.task, num_labels, model_cfg.dropout_rate, model_cfg.scan_layers)
     return folder, hf, spec
 
 
@@ -60,16 +64,20 @@ def build_abstract(model_cfg: ModelConfig, mesh: Mesh, rules, num_labels: int = 
 
 def load_weights(pre: Pretrained, model_cfg: ModelConfig, load_cfg: LoadConfig, seed: int = 0) -> Pretrained:
     """The checkpoint's tensors merged into `pre`'s abstract parameters, each placed in its sharding."""
-    params, source = load_io.load_pretrained(
+    family = pre.family
+    source = load_io.open_checkpoint(pre.folder)
+    prefix = family.key_prefix(pre.spec, pre.hf_config, set(source.shapes))
+    params, identity = load_io.load_pretrained(
         pre.folder,
         pre.params,
-        bert_hf.body_prefix(pre.spec, pre.hf_config.get("model_type", "bert")),
+        lambda path: family.hf_entry(path, pre.spec, prefix),
         pre.param_shardings,
         load_cfg.new_params,
-        load_cfg.ignore_unused,
+        load_cfg.ignore_unused + family.ignorable_keys(pre.spec),
         lambda wanted: models.init_params(pre.spec, model_cfg.param_dtype, wanted, pre.param_shardings, seed),
+        source,
     )
-    return dataclasses.replace(pre, params=params, source=source)
+    return dataclasses.replace(pre, params=params, source=identity)
 
 
 def load_pretrained(
@@ -89,14 +97,17 @@ def load(
     dtype: Any = "float32",
     mesh: Mesh | None = None,
     new_params: tuple[str, ...] | None = None,
-) -> models.BertModel:
-    """The NNX model with pretrained weights; `model(input_ids=..., attention_mask=..., token_type_ids=...)`.
+    scan_layers: bool = True,
+) -> nnx.Module:
+    """The NNX model with pretrained weights. Encoders: `model(input_ids=..., attention_mask=...,
+    token_type_ids=...)` gives logits [B, C] (or [B, L, C]); decoders (task="causal-lm"):
+    `model(input_ids=...)` gives logits [B, L, V].
 
     dtype is the compute dtype (parameters stay fp32). With no mesh, parameters are replicated over all
     local devices' data axis. A missing head is initialised fresh and logged.
     """
     mesh = mesh if mesh is not None else build_mesh(MeshConfig())
-    model_cfg = ModelConfig(source=path_or_hub_id, task=task, num_labels=num_labels)
+    model_cfg = ModelConfig(source=path_or_hub_id, task=task, num_labels=num_labels, scan_layers=scan_layers)
     load_cfg = LoadConfig() if new_params is None else LoadConfig(new_params=new_params)
     pre = load_pretrained(model_cfg, load_cfg, mesh, MeshConfig().rules, num_labels)
     return pre.model(jnp.dtype(dtype))

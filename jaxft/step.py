@@ -1,6 +1,12 @@
-"""PURE train and eval steps over state pytrees; no jit here (compile.py owns that), no feature branches."""
+"""PURE train and eval steps over state pytrees; no jit here (compile.py owns that), no feature branches.
+
+A task enters the step as its own forward call and loss (TASKS), bound statically by compile.py.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +19,14 @@ from jaxft.state import TrainState
 IGNORE = axes.IGNORE_LABEL
 
 
-def model_logits(
-    graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array], dropout_rng: jax.Array | None
-) -> jax.Array:
-    model = nnx.merge(graphdef, params)
-    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_rng=dropout_rng)
+def classification_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
+    return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_rng=rng)
+
+
+def causal_lm_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
+    """Logits [B, L, V] of packed rows: segment ids keep examples apart, 0 marks padding."""
+    segments_BxL = batch["segment_ids"]
+    return model(batch["input_ids"], segments_BxL > 0, segments_BxL, batch["positions"])
 
 
 def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -34,9 +43,44 @@ def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
-def _loss_of_trainable(trainable, frozen, graphdef, batch, rng):
+def causal_lm_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token cross-entropy, token-weighted: position t predicts token t+1 of the same segment, and only
+    tokens marked in loss_mask (completions, unless the prompt trains too) are targets."""
+    targets_BxL = batch["input_ids"][:, 1:]
+    segments_BxL = batch["segment_ids"]
+    same_segment = (segments_BxL[:, 1:] == segments_BxL[:, :-1]) & (segments_BxL[:, 1:] > 0)
+    weights_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * same_segment
+    logits_BxLxV = logits[:, :-1].astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    count = weights_BxL.sum()
+    correct = ((logits_BxLxV.argmax(-1) == targets_BxL) * weights_BxL).sum()
+    loss_sum = (losses * weights_BxL).sum()
+    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """How a task runs through the shared step: its batch fields, forward call, loss, and extra eval sums."""
+
+    fields: tuple[str, ...]
+    forward: Callable[[nnx.Module, dict[str, jax.Array], jax.Array | None], jax.Array]
+    loss: Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+    eval_sums: Callable[[jax.Array, dict[str, jax.Array]], dict[str, jax.Array]] | None
+
+
+def model_logits(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    batch: dict[str, jax.Array],
+    dropout_rng: jax.Array | None,
+    task: str = "sequence-classification",
+) -> jax.Array:
+    return TASKS[task].forward(nnx.merge(graphdef, params), batch, dropout_rng)
+
+
+def _loss_of_trainable(trainable, frozen, graphdef, batch, rng, task):
     params = nnx.merge_state(trainable, frozen)
-    return classification_loss(model_logits(graphdef, params, batch, rng), batch)
+    return TASKS[task].loss(model_logits(graphdef, params, batch, rng, task), batch)
 
 
 def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -51,6 +95,7 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     microbatches: int,
+    task: str = "sequence-classification",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step; gradients of the trainable partition only, accumulated over microbatches."""
     step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -59,7 +104,8 @@ def train_step(
     def accumulate(carry, xs):
         grads_sum, stats_sum = carry
         micro, index = xs
-        (_, stats), grads = grad_fn(state.trainable, state.frozen, graphdef, micro, jax.random.fold_in(step_rng, index))
+        rng = jax.random.fold_in(step_rng, index)
+        (_, stats), grads = grad_fn(state.trainable, state.frozen, graphdef, micro, rng, task)
         # Sum of per-token gradients weighted by token counts, so microbatching equals one big batch.
         grads = jax.tree.map(lambda g: g * stats["count"], grads)
         return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, stats_sum, stats)), None
@@ -90,7 +136,7 @@ def train_step(
         "accuracy": stats["correct"] / count,
         "grad_norm": optax.global_norm(grads),
         "learning_rate": schedule(state.step),
-        "tokens": batch["attention_mask"].sum(),
+        "tokens": (batch["attention_mask"] if "attention_mask" in batch else batch["segment_ids"] > 0).sum(),
         "nonfinite": (~finite).astype(jnp.int32),
         # Index (in jax.tree.leaves(trainable) order) of the first non-finite gradient, or -1.
         "nonfinite_leaf": jnp.where(bad_leaf_G.any(), jnp.argmax(bad_leaf_G), -1).astype(jnp.int32),
@@ -104,13 +150,19 @@ def _all_finite(tree) -> jax.Array:
 
 
 def eval_step(
-    trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef
+    trainable: nnx.State,
+    frozen: nnx.State,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    task: str = "sequence-classification",
 ) -> dict[str, jax.Array]:
-    """Sums over one eval batch: (loss, correct, count) and per-class counts for macro-F1; the loop adds
-    them up across batches."""
-    logits = model_logits(graphdef, nnx.merge_state(trainable, frozen), batch, None)
-    _, stats = classification_loss(logits, batch)
-    return {**stats, **class_counts(logits, batch)}
+    """Sums over one eval batch: (loss, correct, count), plus per-class counts for macro-F1 in classification;
+    the loop adds them up across batches."""
+    logits = model_logits(graphdef, nnx.merge_state(trainable, frozen), batch, None, task)
+    _, stats = TASKS[task].loss(logits, batch)
+    extra = TASKS[task].eval_sums
+    return {**stats, **(extra(logits, batch) if extra else {})}
 
 
 def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -128,3 +180,13 @@ def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, ja
 
 def predict_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> jax.Array:
     return jax.nn.softmax(model_logits(graphdef, params, batch, None), axis=-1)
+
+
+_CLASSIFICATION_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
+
+
+TASKS: dict[str, Task] = {
+    "sequence-classification": Task(_CLASSIFICATION_FIELDS, classification_forward, classification_loss, class_counts),
+    "token-classification": Task(_CLASSIFICATION_FIELDS, classification_forward, classification_loss, class_counts),
+    "causal-lm": Task(("input_ids", "loss_mask", "segment_ids", "positions"), causal_lm_forward, causal_lm_loss, None),
+}

@@ -50,10 +50,12 @@ RESUMABLE_CHANGES = (
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, saved, current) for every config value that alters the math."""
     out = []
+    # A key that a checkpoint of an older jaxft lacks had its default then: the same math as the default now.
+    defaults = _jsonable(to_dict(Config()))
     for section, values in current.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            old = saved.get(section, {}).get(key)
+            old = saved.get(section, {}).get(key, defaults.get(section, {}).get(key))
             if old != value and not any(re.fullmatch(p, name) for p in RESUMABLE_CHANGES):
                 out.append((name, old, value))
     return out
@@ -142,7 +144,13 @@ class PhasedTrainStep:
     def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
         if self._fn is None:
             self._fn = compile.jit_train_step(
-                self.graphdef, self.tx, self.schedule, self.cfg.train.grad_accum_steps, shardings_of(state), self.mesh
+                self.graphdef,
+                self.tx,
+                self.schedule,
+                self.cfg.train.grad_accum_steps,
+                shardings_of(state),
+                self.mesh,
+                self.cfg.model.task,
             )
         return self._fn(state, batch)
 
@@ -161,11 +169,11 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     m = mesh.build_mesh(cfg.mesh)
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
-    sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
-    pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(sources.label_names))
+    data = build_data(cfg)
+    pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(data.label_names))
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
-    groups = freeze.unfreeze_groups(plan, pre.spec.num_layers)
+    groups = build_unfreeze_groups(cfg, plan, pre)
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
     meta: dict[str, Any] = {}
     first_phase = freeze.active_paths(groups, 0, cfg.freeze.unfreeze_every_steps)
@@ -179,13 +187,12 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     else:
         state = resume.state
     start_step = resume.step if resume else 0
-    encoder = pipeline.Encoder(pre.folder, cfg.data.max_length, sources)
-    train_ds = pipeline.build_train_dataset(sources.train, encoder, cfg.train.batch_size, cfg.data.shuffle_seed)
-    data_iter = iter(train_ds)
+    data.open(pre)
+    data_iter = iter(data.train_dataset)
     if resume:
         data_iter.set_state(_process_data_state(resume.data))
     prepare_run_dir(run_dir)
-    meta.update(run_metadata(cfg, plan, pre, sources, train_step.active))
+    meta.update(run_metadata(cfg, plan, pre, data.label_names, train_step.active))
     _write_json(run_dir / "run.json", meta)
     metrics_lib.truncate_metrics(run_dir, start_step)  # steps after the checkpoint are replayed
     saver = checkpoint.Saver(run_dir, cfg.checkpoint)
@@ -196,8 +203,8 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
         lambda: train_step.leaf_paths,
         skipped=int(resume.data.get("skipped_steps", 0)) if resume else 0,
     )
-    eval_step = compile.jit_eval_step(train_step.graphdef, m)
-    evaluate = evaluate_lib.build_evaluate(eval_step, sources.eval, encoder, cfg.train.eval_batch_size, m)
+    eval_step = compile.jit_eval_step(train_step.graphdef, m, cfg.model.task)
+    evaluate = evaluate_lib.build_evaluate(eval_step, data.eval_batches, m)
 
     def save(s: TrainState, metrics: dict[str, float] | None) -> None:
         data = {"process_states": checkpoint.gather_process_states(data_iter.get_state())}
@@ -227,15 +234,73 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     finally:
         saver.close()
         writer.close()
+    data.report()
     return RunResult(
         run_dir,
         result.state,
         result.eval_metrics,
-        sources.label_names,
+        data.label_names,
         train_step.traces,
         start_step,
         result.stopped_by,
     )
+
+
+class TrainData:
+    """The run's data, whatever the task: label names and sources first (shapes need them), then the
+    tokenizer-bound train iterator and eval batches once the checkpoint folder is known."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.lm = cfg.model.task == "causal-lm"
+        if self.lm:
+            from jaxft.data import lm
+
+            self.sources = lm.open_lm_sources(cfg.data)
+            self.label_names: tuple[str, ...] = ()
+        else:
+            self.sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
+            self.label_names = self.sources.label_names
+        self.train_dataset: Any = None
+        self.eval_batches: Any = None
+        self.encoder: Any = None
+
+    def open(self, pre: pretrained.Pretrained) -> None:
+        cfg, data, batch = self.cfg, self.cfg.data, self.cfg.train.batch_size
+        if self.lm:
+            from jaxft.data import lm
+
+            self.encoder = lm.LMEncoder(pre.folder, data, pre.spec.vocab_size)
+            self.train_dataset = lm.build_lm_train_dataset(
+                self.sources.train, self.encoder, batch, data.shuffle_seed, data.max_length, data.packing
+            )
+            if self.sources.eval is not None:
+                eval_source, size = self.sources.eval, cfg.train.eval_batch_size
+                self.eval_batches = lambda: lm.iter_lm_eval_batches(eval_source, self.encoder, size, data.max_length)
+            return
+        self.encoder = pipeline.Encoder(pre.folder, data.max_length, self.sources)
+        self.train_dataset = pipeline.build_train_dataset(self.sources.train, self.encoder, batch, data.shuffle_seed)
+        self.eval_batches = evaluate_lib.classification_batches(
+            self.sources.eval, self.encoder, cfg.train.eval_batch_size
+        )
+
+    def report(self) -> None:
+        dropped = getattr(self.encoder, "dropped", 0)
+        if dropped:
+            log.warning("data.truncation=drop: %d examples longer than data.max_length were dropped", dropped)
+
+
+def build_data(cfg: Config) -> TrainData:
+    return TrainData(cfg)
+
+
+def build_unfreeze_groups(cfg: Config, plan: freeze.FreezePlan, pre: pretrained.Pretrained) -> list[list[str]]:
+    family = pre.family
+    if cfg.freeze.unfreeze_every_steps and getattr(pre.spec, "scan_layers", False):
+        raise ConfigError(
+            "freeze.unfreeze_every_steps: gradual unfreezing needs one tensor per layer; set model.scan_layers=false"
+        )
+    return freeze.unfreeze_groups(plan, pre.spec.num_layers, family.layer_pattern, family.head_pattern)
 
 
 def find_resume_point(
@@ -250,7 +315,7 @@ def find_resume_point(
         try:
             meta = checkpoint.read_meta(run_dir, step)
             data = checkpoint.read_data_state(run_dir, step)
-            checkpoint.check_same_model(path, meta["spec"], dataclasses.asdict(pre.spec))
+            checkpoint.check_same_model(path, meta.get("family", "bert"), meta["spec"], pre.spec)
             check_config_change(path, meta["config"], cfg, allow_change)
             train_step.active = set(meta["trainable_paths"])
             state = _restore_state(run_dir, cfg, pre, train_step, step)
@@ -328,7 +393,7 @@ def _opt_shardings(tx, trainable: nnx.State, m) -> Any:
 
 
 def run_metadata(
-    cfg: Config, plan: freeze.FreezePlan, pre: pretrained.Pretrained, sources: pipeline.Sources, active: set[str]
+    cfg: Config, plan: freeze.FreezePlan, pre: pretrained.Pretrained, label_names: tuple[str, ...], active: set[str]
 ) -> dict[str, Any]:
     """What a run dir needs to be understood without its config file: predict, eval, export read it."""
     return {
@@ -336,8 +401,9 @@ def run_metadata(
         "freeze_plan": plan.to_json(),
         "trainable_paths": sorted(active),
         "source": pre.source,
-        "label_names": list(sources.label_names),
+        "label_names": list(label_names),
         "hf_config": pre.hf_config,
+        "family": pre.family.name,
         "spec": dataclasses.asdict(pre.spec),
     }
 

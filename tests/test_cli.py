@@ -143,16 +143,24 @@ def test_corrupted_safetensors_through_python_api(tmp_path, tiny_bert):
 
 
 def test_checkpoint_of_another_architecture(tmp_path, capsys, tiny_bert, data_dir):
-    other = tmp_path / "gpt"
+    other = tmp_path / "t5"
     shutil.copytree(tiny_bert, other)
     cfg = json.loads((other / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
+    cfg["model_type"] = "t5"
     (other / "config.json").write_text(json.dumps(cfg))
     _one_line_error(
         ["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={other}"],
         capsys,
-        "model_type 'gpt2' is not a BERT-family encoder",
+        "model_type 't5' is not supported",
     )
+    cfg["model_type"] = "llama"  # a decoder asked to classify
+    (other / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(
+        ["train", DEMO, "--run-dir", str(tmp_path / "r"), f"model.source={other}"],
+        capsys,
+        "model_type 'llama' does not support model.task='sequence-classification'",
+    )
+    assert not (tmp_path / "r").exists()
 
 
 def test_mis_shaped_and_missing_keys_are_listed_together(tmp_path, tiny_bert):

@@ -18,6 +18,8 @@ from jaxft.models.bert import BertSpec
 #   flat      HF keeps it flat ([N*H]); jaxft splits heads ([N, H])
 #   linear1   torch Linear weight [out, in] -> kernel [in..., out...] with one input dim
 #   linear2   the same with two input dims (attention output: [N, H] -> E)
+#   conv1     GPT-2's Conv1D weight, already [in, out]: a plain reshape to kernel [in..., out...], one input dim
+#   conv2     the same with two input dims
 TABLE: tuple[tuple[str, str, str, bool], ...] = (
     (r"embeddings/word/embedding", "embeddings.word_embeddings.weight", "copy", True),
     (r"embeddings/position/embedding", "embeddings.position_embeddings.weight", "copy", True),
@@ -115,18 +117,22 @@ def normalize_key(key: str) -> str:
     return key
 
 
+_INPUT_DIMS = {"linear1": 1, "linear2": 2, "conv1": 1, "conv2": 2}
+
+
 def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor shape that holds a jaxft parameter of `shape`."""
     if kind == "copy":
         return shape
     if kind == "flat":
         return (int(np.prod(shape)),)
-    n_in = 1 if kind == "linear1" else 2
-    return (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
+    n_in = _INPUT_DIMS[kind]
+    fan_in, fan_out = int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
+    return (fan_in, fan_out) if kind.startswith("conv") else (fan_out, fan_in)
 
 
 def to_jaxft(kind: str, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if kind in ("copy", "flat"):
+    if kind in ("copy", "flat", "conv1", "conv2"):
         return tensor.reshape(shape)
     return np.ascontiguousarray(tensor.T).reshape(shape)
 
@@ -136,6 +142,5 @@ def to_hf(kind: str, array: np.ndarray) -> np.ndarray:
         return array
     if kind == "flat":
         return array.reshape(-1)
-    n_in = 1 if kind == "linear1" else 2
-    k = array.reshape(int(np.prod(array.shape[:n_in])), -1)
-    return np.ascontiguousarray(k.T)
+    k = array.reshape(int(np.prod(array.shape[: _INPUT_DIMS[kind]])), -1)
+    return k if kind.startswith("conv") else np.ascontiguousarray(k.T)

@@ -1,0 +1,134 @@
+"""The GPT-2 HF key table: every rename, reshape and layer stacking between HF tensors and jaxft parameters,
+and the GPT2Spec read from an HF config.
+
+Reading or writing files is load.py's and export's job; this module only names and reshapes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from jaxft.models import llama_hf
+from jaxft.models.bert_hf import ArchitectureError
+from jaxft.models.gpt2 import ACTIVATIONS, GPT2Spec
+from jaxft.models.llama_hf import HFEntry
+
+__all__ = [
+    "ArchitectureError",
+    "HFEntry",
+    "detect_prefix",
+    "hf_entry",
+    "hf_shape",
+    "ignorable_keys",
+    "spec_from_hf_config",
+    "to_hf",
+    "to_jaxft",
+    "to_jaxft_block",
+]
+
+# GPT-2 keeps its projections in HF's Conv1D, whose weight is already [in, out], unlike torch Linear's
+# [out, in]: bert_hf's conv1 / conv2 kinds (a plain reshape, no transpose), plus its copy and flat
+# (HF [3*N*H] -> [3, N, H]).
+
+# (jaxft path regex outside the layers, HF key template after the prefix, kind)
+GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
+    (r"wte", "wte.weight", "copy"),
+    (r"wpe", "wpe.weight", "copy"),
+    (r"ln_f/scale", "ln_f.weight", "copy"),
+    (r"ln_f/bias", "ln_f.bias", "copy"),
+)
+# (jaxft path regex inside one layer, HF key template after "{prefix}h.{i}.", kind)
+LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
+    (r"(ln_1|ln_2)/scale", "{0}.weight", "copy"),
+    (r"(ln_1|ln_2)/bias", "{0}.bias", "copy"),
+    (r"attn/c_attn/kernel", "attn.c_attn.weight", "conv1"),
+    (r"attn/c_attn/bias", "attn.c_attn.bias", "flat"),
+    (r"attn/c_proj/kernel", "attn.c_proj.weight", "conv2"),
+    (r"attn/c_proj/bias", "attn.c_proj.bias", "copy"),
+    (r"mlp/(c_fc|c_proj)/kernel", "mlp.{0}.weight", "conv1"),
+    (r"mlp/(c_fc|c_proj)/bias", "mlp.{0}.bias", "copy"),
+)
+LAYER_PREFIX = "h.{}."
+# GPT2LMHeadModel (and the task heads) keep the body under "transformer."; a bare GPT2Model (the hub's `gpt2`) not.
+BODY_PREFIX = "transformer."
+
+
+def detect_prefix(keys: Sequence[str]) -> str:
+    """The body prefix of a checkpoint's keys: "transformer." for GPT2LMHeadModel, "" for a bare GPT2Model."""
+    return BODY_PREFIX if any(k.startswith(BODY_PREFIX) for k in keys) else ""
+
+
+def hf_entry(path: str, num_layers: int, prefix: str = BODY_PREFIX) -> HFEntry | None:
+    """The HF key(s) and kind for a '/'-joined jaxft parameter path, or None if the table has no entry.
+
+    `layers/3/mlp/c_fc/kernel` (unscanned) names one key; `layers/mlp/c_fc/kernel` (scanned) names num_layers keys.
+    """
+    for pattern, template, kind in GLOBAL_TABLE:
+        if re.fullmatch(pattern, path):
+            return HFEntry((prefix + template,), kind, False)
+    m = re.fullmatch(r"layers/(?:(\d+)/)?(.+)", path)
+    if m is None:
+        return None
+    index, rest = m.groups()
+    for pattern, template, kind in LAYER_TABLE:
+        inner = re.fullmatch(pattern, rest)
+        if inner:
+            key = template.format(*inner.groups())
+            layers = range(num_layers) if index is None else (int(index),)
+            return HFEntry(tuple(prefix + LAYER_PREFIX.format(i) + key for i in layers), kind, index is None)
+    return None
+
+
+# bert_hf knows the conv kinds, so llama_hf's layer-stacking, block-reading converters serve GPT-2 as they are.
+hf_shape = llama_hf.hf_shape
+to_jaxft = llama_hf.to_jaxft
+to_jaxft_block = llama_hf.to_jaxft_block
+to_hf = llama_hf.to_hf
+
+
+def ignorable_keys(spec: GPT2Spec) -> tuple[str, ...]:
+    """Checkpoint keys (regexes) that may be present but have no parameter: the tied lm_head, and the causal-mask
+    buffers (`attn.bias`, `attn.masked_bias`) that older checkpoints saved, with or without the body prefix."""
+    del spec  # every GPT-2 ties its head; the argument keeps the families' common signature
+    return (r"lm_head\.weight", r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def spec_from_hf_config(hf: dict[str, Any], *, scan_layers: bool = True) -> GPT2Spec:
+    """GPT2Spec from an HF config.json dict; ArchitectureError names whatever is not supported."""
+    model_type = hf.get("model_type", "")
+    if model_type != "gpt2":
+        raise ArchitectureError(f"model_type {model_type!r} is not GPT-2 (supported: gpt2)")
+    hidden_act = hf.get("activation_function", "gelu_new")
+    if hidden_act not in ACTIVATIONS:
+        raise ArchitectureError(
+            f"activation_function {hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})"
+        )
+    # The first scales each layer's logits by a different 1/(i+1) (the blocks share one static scale); the second
+    # adds cross-attention to an encoder that a decoder-only fine-tune never has.
+    for field in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+        if hf.get(field, False):
+            raise ArchitectureError(f"{field}=True is not supported (only False)")
+    if not hf.get("tie_word_embeddings", True):
+        raise ArchitectureError("tie_word_embeddings=False is not supported (GPT-2 projects through wte)")
+    hidden, heads = hf["n_embd"], hf["n_head"]
+    if hidden % heads:
+        raise ArchitectureError(f"n_embd {hidden} is not a multiple of n_head {heads}")
+    return GPT2Spec(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_layers=hf["n_layer"],
+        num_heads=heads,
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        max_positions=hf.get("n_positions", 1024),
+        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        hidden_act=hidden_act,
+        scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+        tie_word_embeddings=True,
+        scan_layers=scan_layers,
+    )
