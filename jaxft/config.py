@@ -31,6 +31,16 @@ class ModelConfig:
     remat: bool = False
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
     scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
+    frozen_dtype: str = ""  # storage dtype of frozen parameters ("" = param_dtype; "bfloat16" halves a LoRA base)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # 0: no adapters
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    # Regexes over linear layers' module paths (`jaxft plan` lists them, e.g. layers/self_attn/q_proj).
+    targets: tuple[str, ...] = (r".*(q|k|v|o)_proj",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +149,7 @@ class CheckpointConfig:
 class Config:
     model: ModelConfig = ModelConfig()
     load: LoadConfig = LoadConfig()
+    lora: LoraConfig = LoraConfig()
     mesh: MeshConfig = MeshConfig()
     freeze: FreezeConfig = FreezeConfig()
     optim: OptimConfig = OptimConfig()
@@ -154,6 +165,7 @@ _CHOICES = {
     "model.task": ("sequence-classification", "token-classification", "causal-lm"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.frozen_dtype": ("", "float32", "bfloat16"),
     "optim.name": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "checkpoint.keep_best_mode": ("auto", "min", "max"),
@@ -172,6 +184,8 @@ _POSITIVE = (
     "checkpoint.keep",
 )
 _NON_NEGATIVE = (
+    "lora.rank",
+    "lora.dropout",
     "train.eval_every_steps",
     "checkpoint.every_steps",
     "optim.warmup_steps",
@@ -287,6 +301,8 @@ def validate(cfg: Config) -> Config:
         )
     for i, rule in enumerate(cfg.freeze.rules):
         _check_freeze_rule(i, rule)
+    if cfg.lora.rank and not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.data.dataset == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.dataset='files'")
     return cfg
@@ -352,6 +368,7 @@ __all__ = [
     "DataConfig",
     "FreezeConfig",
     "LoadConfig",
+    "LoraConfig",
     "MeshConfig",
     "ModelConfig",
     "OptimConfig",

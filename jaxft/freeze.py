@@ -117,3 +117,8 @@ def active_paths(groups: list[list[str]], step: int, every_steps: int) -> set[st
     """Gradual unfreezing: the first group trains from step 0, one more joins every `every_steps`."""
     n = len(groups) if every_steps <= 0 else min(len(groups), 1 + step // every_steps)
     return {p for g in groups[:n] for p in g}
+
+
+def train_adapters_only() -> list[tuple]:
+    """LoRA: train the adapters (lora_a, lora_b), freeze everything else (the base model)."""
+    return [(r".*/lora_[ab]", "train"), (r".*", "freeze")]

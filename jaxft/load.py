@@ -218,6 +218,9 @@ def plan_merge(
     plan, problems, fresh, used = {}, [], [], set()
     for path, shape in param_shapes.items():
         entry = entry_of(path)
+        if entry is None and paths.matches_any(path, new_params):  # e.g. a LoRA adapter: never in HF files
+            fresh.append(path)
+            continue
         if entry is None:
             problems.append(f"{path}: no HF key in the table")
             continue
@@ -303,6 +306,7 @@ def load_pretrained(
     dtypes = {name: v.dtype for name, (_, v) in flat.items()}
     plan = plan_merge(shapes, source, entry_of, new_params, ignore_unused)
     values = dict(iter_placed(plan, source, shapes, shardings, dtypes))
-    values.update(init_fresh(set(shapes) - set(values)))
+    fresh = init_fresh(set(shapes) - set(values))
+    values.update({k: v.astype(dtypes[k]) for k, v in fresh.items()})  # e.g. a frozen fresh tensor kept in bf16
     state = nnx.from_flat_state({p: v.replace(values[name]) for name, (p, v) in flat.items()})
     return state, source_identity(folder, source)

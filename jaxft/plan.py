@@ -41,7 +41,7 @@ def describe_plan(cfg: Config) -> str:
     else:
         labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
     _, _, spec = pretrained.read_spec(cfg.model, len(labels))
-    _, abstract = models.build_abstract_model(spec, cfg.model.param_dtype)
+    _, abstract = models.build_abstract_model(spec, cfg.model.param_dtype, pretrained.lora_spec(cfg.lora))
     specs = sharding.infer_param_specs(abstract, cfg.mesh.rules, m)
     shapes = {path_str(p): tuple(v.shape) for p, v in abstract.flat_state()}
     plan = freeze.build_freeze_plan(shapes, cfg.freeze.rules)

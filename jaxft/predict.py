@@ -15,6 +15,7 @@ from jaxft import compile, mesh, models, pretrained
 from jaxft.checkpoint import RunCheckpointError, restore_params
 from jaxft.config import from_dict
 from jaxft.data.builders import DataError, read_records
+from jaxft.paths import path_str
 from jaxft.sharding import tree_shardings
 
 
@@ -42,7 +43,10 @@ def load_run_model(run_dir: Path, step: int | None = None):
     except mesh.MeshError:  # trained on another device count: data-parallel over what this host has
         m = mesh.build_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     spec = models.spec_from_dict(meta.get("family", "bert"), meta["spec"])
-    graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype)
+    graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype, pretrained.lora_spec(cfg.lora))
+    if cfg.model.frozen_dtype:  # restored in the dtypes they were trained and saved in
+        frozen = {path_str(p) for p, _ in abstract.flat_state()} - set(meta.get("trainable_paths", ()))
+        abstract = pretrained.cast_abstract(abstract, cfg.model.frozen_dtype, frozen)
     shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
     params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, spec)
     return graphdef, params, meta, m, step

@@ -16,8 +16,10 @@ from jax.sharding import Mesh
 
 from jaxft import load as load_io
 from jaxft import models, sharding
-from jaxft.config import LoadConfig, MeshConfig, ModelConfig
+from jaxft.config import LoadConfig, LoraConfig, MeshConfig, ModelConfig
 from jaxft.mesh import build_mesh
+from jaxft.models import lora as lora_lib
+from jaxft.paths import path_str
 
 
 @dataclasses.dataclass
@@ -29,6 +31,7 @@ class Pretrained:
     params: nnx.State  # sharded arrays
     param_shardings: dict[str, jax.sharding.NamedSharding]
     source: dict[str, Any]  # path and file hashes
+    lora: lora_lib.LoraSpec | None = None  # adapters on the targeted layers (not in the checkpoint)
 
     @property
     def family(self) -> models.Family:
@@ -52,19 +55,42 @@ def infer_shardings(abstract_params: nnx.State, mesh: Mesh, rules) -> dict[str, 
     return sharding.named(sharding.infer_param_specs(abstract_params, rules, mesh), mesh)
 
 
-def build_abstract(model_cfg: ModelConfig, mesh: Mesh, rules, num_labels: int = 0) -> Pretrained:
+def lora_spec(cfg: LoraConfig | None) -> lora_lib.LoraSpec | None:
+    if cfg is None or cfg.rank == 0:
+        return None
+    return lora_lib.LoraSpec(cfg.rank, cfg.alpha, cfg.dropout, tuple(cfg.targets))
+
+
+def build_abstract(
+    model_cfg: ModelConfig, mesh: Mesh, rules, num_labels: int = 0, lora_cfg: LoraConfig | None = None
+) -> Pretrained:
     """Shapes, shardings and source identity, with no weights read: `params` holds abstract arrays.
     A resume restores into these shardings straight from the checkpoint."""
     folder, hf, spec = read_spec(model_cfg, num_labels)
-    graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype)
+    adapters = lora_spec(lora_cfg)
+    graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype, adapters)
     shardings = infer_shardings(abstract_params, mesh, rules)
     source = load_io.source_identity(folder, load_io.open_checkpoint(folder))
-    return Pretrained(folder, hf, spec, graphdef, abstract_params, shardings, source)
+    return Pretrained(folder, hf, spec, graphdef, abstract_params, shardings, source, adapters)
+
+
+def cast_abstract(abstract_params: nnx.State, dtype: Any, which: set[str]) -> nnx.State:
+    """The abstract parameters with those in `which` stored in `dtype` (frozen weights kept in bf16)."""
+    flat = {
+        p: v.replace(jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype))) if path_str(p) in which else v
+        for p, v in abstract_params.flat_state()
+    }
+    return nnx.from_flat_state(flat)
+
+
+def with_param_dtypes(pre: Pretrained, dtype: Any, which: set[str]) -> Pretrained:
+    return dataclasses.replace(pre, params=cast_abstract(pre.params, dtype, which))
 
 
 def load_weights(pre: Pretrained, model_cfg: ModelConfig, load_cfg: LoadConfig, seed: int = 0) -> Pretrained:
     """The checkpoint's tensors merged into `pre`'s abstract parameters, each placed in its sharding."""
     family = pre.family
+    new_params = load_cfg.new_params + ((lora_lib.ADAPTER_PARAMS,) if pre.lora else ())
     source = load_io.open_checkpoint(pre.folder)
     prefix = family.key_prefix(pre.spec, pre.hf_config, set(source.shapes))
     params, identity = load_io.load_pretrained(
@@ -72,21 +98,28 @@ def load_weights(pre: Pretrained, model_cfg: ModelConfig, load_cfg: LoadConfig, 
         pre.params,
         lambda path: family.hf_entry(path, pre.spec, prefix),
         pre.param_shardings,
-        load_cfg.new_params,
+        new_params,
         load_cfg.ignore_unused + family.ignorable_keys(pre.spec),
-        lambda wanted: models.init_params(pre.spec, model_cfg.param_dtype, wanted, pre.param_shardings, seed),
+        lambda wanted: models.init_params(pre.spec, model_cfg.param_dtype, wanted, pre.param_shardings, seed, pre.lora),
         source,
     )
     return dataclasses.replace(pre, params=params, source=identity)
 
 
 def load_pretrained(
-    model_cfg: ModelConfig, load_cfg: LoadConfig, mesh: Mesh, rules, num_labels: int = 0, seed: int = 0
+    model_cfg: ModelConfig,
+    load_cfg: LoadConfig,
+    mesh: Mesh,
+    rules,
+    num_labels: int = 0,
+    seed: int = 0,
+    lora_cfg: LoraConfig | None = None,
 ) -> Pretrained:
     folder, hf, spec = read_spec(model_cfg, num_labels)
-    graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype)
+    adapters = lora_spec(lora_cfg)
+    graphdef, abstract_params = models.build_abstract_model(spec, model_cfg.param_dtype, adapters)
     shardings = infer_shardings(abstract_params, mesh, rules)
-    pre = Pretrained(folder, hf, spec, graphdef, abstract_params, shardings, {})
+    pre = Pretrained(folder, hf, spec, graphdef, abstract_params, shardings, {}, adapters)
     return load_weights(pre, model_cfg, load_cfg, seed)
 
 

@@ -26,7 +26,7 @@ def classification_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: 
 def causal_lm_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
     """Logits [B, L, V] of packed rows: segment ids keep examples apart, 0 marks padding."""
     segments_BxL = batch["segment_ids"]
-    return model(batch["input_ids"], segments_BxL > 0, segments_BxL, batch["positions"])
+    return model(batch["input_ids"], segments_BxL > 0, segments_BxL, batch["positions"], dropout_rng=rng)
 
 
 def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -170,9 +170,12 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
     data = build_data(cfg)
-    pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(data.label_names))
+    pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(data.label_names), cfg.lora)
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
+    if cfg.model.frozen_dtype:  # frozen weights stored in another dtype; trained ones keep model.param_dtype
+        frozen_paths = set(plan.rule_of) - set(plan.trainable_paths)
+        pre = pretrained.with_param_dtypes(pre, cfg.model.frozen_dtype, frozen_paths)
     groups = build_unfreeze_groups(cfg, plan, pre)
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
     meta: dict[str, Any] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxft import compile, freeze, mesh, optim, pretrained
-from jaxft.config import Config, FreezeConfig, MeshConfig, ModelConfig, OptimConfig
+from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxft.sharding import replicated
 from jaxft.state import create_state, split_params
 from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
@@ -20,21 +20,27 @@ def make_setup(
     compute_dtype="float32",
     remat=False,
     dropout_rate=-1.0,
+    task="sequence-classification",
+    lora=None,
 ):
     cfg = Config(
-        model=ModelConfig(source=str(folder), compute_dtype=compute_dtype, remat=remat, dropout_rate=dropout_rate),
+        model=ModelConfig(
+            source=str(folder), compute_dtype=compute_dtype, remat=remat, dropout_rate=dropout_rate, task=task
+        ),
+        lora=lora or LoraConfig(),
         mesh=MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2]),
         freeze=FreezeConfig(rules=tuple(rules)),
         optim=optim_cfg or OptimConfig(learning_rate=1e-3, warmup_steps=0),
     )
     m = mesh.build_mesh(cfg.mesh)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, num_labels=2)
+    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, num_labels=2, lora_cfg=cfg.lora)
     plan = build_freeze_plan(cfg, pre.params)
     trainable, frozen = split_params((pre.graphdef, pre.params), set(plan.trainable_paths))
     schedule = optim.build_schedule(cfg.optim, 100)
     tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
     state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
-    step = compile.jit_train_step(_configured_graphdef(pre, cfg), tx, schedule, microbatches, shardings_of(state), m)
+    graphdef = _configured_graphdef(pre, cfg)
+    step = compile.jit_train_step(graphdef, tx, schedule, microbatches, shardings_of(state), m, task)
     return {
         "cfg": cfg,
         "mesh": m,
@@ -43,7 +49,7 @@ def make_setup(
         "state": state,
         "step": step,
         "tx": tx,
-        "graphdef": _configured_graphdef(pre, cfg),
+        "graphdef": graphdef,
     }
 
 
@@ -60,4 +66,19 @@ def random_batch(batch=16, seq=12, seed=0, vocab=30522):
     }
 
 
-__all__ = ["freeze", "make_setup", "random_batch"]
+def random_lm_batch(batch=8, seq=12, seed=0, vocab=1000):
+    """Two packed examples per row (segments 1 and 2), the last 2 positions padding; the loss on the second."""
+    rng = np.random.default_rng(seed)
+    cut = seq // 2
+    segments = np.array([1] * cut + [2] * (seq - cut - 2) + [0, 0], np.int32)
+    positions = np.concatenate([np.arange(cut), np.arange(seq - cut - 2), [0, 0]]).astype(np.int32)
+    loss_mask = (segments == 2).astype(np.float32)
+    return {
+        "input_ids": rng.integers(3, vocab, (batch, seq), dtype=np.int32),
+        "loss_mask": np.tile(loss_mask, (batch, 1)),
+        "segment_ids": np.tile(segments, (batch, 1)),
+        "positions": np.tile(positions, (batch, 1)),
+    }
+
+
+__all__ = ["freeze", "make_setup", "random_batch", "random_lm_batch"]

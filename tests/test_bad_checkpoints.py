@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,8 +104,7 @@ def foreign_checkpoint(shared: dict, out: Path, overrides: list[str], num_labels
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
     tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
     state = create_state(trainable, frozen, tx, cfg.train.seed, _opt_shardings(tx, trainable, m), replicated(m))
-    labels = SimpleNamespace(label_names=tuple(cfg.data.label_names or ("neg", "pos")))
-    meta = run_metadata(cfg, plan, pre, labels, active)
+    meta = run_metadata(cfg, plan, pre, tuple(cfg.data.label_names or ("neg", "pos")), active)
     saver = checkpoint.Saver(out, cfg.checkpoint)
     try:
         saver.save(state, {"process_states": [{}], "skipped_steps": 0}, meta)

@@ -45,7 +45,7 @@ def test_load_matches_pytorch_on_a_sharded_mesh(folders, name, scan):
     assert isinstance(model, GPT2Model if name == "gpt2" else LlamaModel)
     assert model.spec.scan_layers == scan
     # Really sharded: an embedding split over fsdp (and vocab over tensor), not copied whole to each device.
-    embed = model.wte if name == "gpt2" else model.embed
+    embed = model.wte if name == "gpt2" else model.embed_tokens
     assert len({tuple((s.start, s.stop) for s in sh.index) for sh in embed[...].addressable_shards}) > 1
     input_ids = llama_tests.ids(2, L, seed=7) % 1000
     expected = llama_tests.torch_logits(folders[name], input_ids)
@@ -76,7 +76,7 @@ def test_decoder_refuses_a_classification_task(folders):
 def test_plan_covers_decoders(folders):
     cfg = Config(model=ModelConfig(source=str(folders["llama"]), task="causal-lm"))
     text = describe_plan(cfg)
-    assert "layers/attention/q/kernel" in text and "[3, 64, 4, 16]" in text
+    assert "layers/self_attn/q_proj/kernel" in text and "[3, 64, 4, 16]" in text
     assert "per-device memory" in text
 
 

@@ -185,7 +185,7 @@ def test_export_round_trip_is_exact(checkpoints):
 def test_block_reads_only_its_layers(checkpoints):
     folder = checkpoints["llama"]
     tensors = read_tensors(folder)
-    entry = llama_hf.hf_entry("layers/attention/q/kernel", 3)
+    entry = llama_hf.hf_entry("layers/self_attn/q_proj/kernel", 3)
     full = llama_hf.to_jaxft(entry, [tensors[k] for k in entry.keys], (3, 64, 4, 16))
     read = []
     block = llama_hf.to_jaxft_block(
@@ -219,7 +219,7 @@ def test_sharded_forward_equals_unsharded(checkpoints):
     model = load_llama(checkpoints["qwen3"], scan_layers=True)
     graphdef, params = nnx.split(model)
     specs = sharding.infer_param_specs(params, rules, mesh)
-    assert specs["layers/attention/k/kernel"] == PartitionSpec(None, "fsdp", "tensor", None)
+    assert specs["layers/self_attn/k_proj/kernel"] == PartitionSpec(None, "fsdp", "tensor", None)
     placed = jax.device_put(params, sharding.tree_shardings(params, sharding.named(specs, mesh)))
     input_ids = jax.device_put(jnp.asarray(ids(4, L, seed=6)), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     sharded = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(placed, input_ids)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxft.checkpoint import complete_steps
 from jaxft.config import CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,11 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
         cli_args(setup["config"], run_dir), cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     try:
-        seen = wait_for(lambda: any(r["step"] >= kill_after for r in records(run_dir)), proc)
+        # Killed before its first save commits, a run has nothing to resume from and rightly starts over:
+        # wait for a committed checkpoint too, so the second run must resume.
+        seen = wait_for(
+            lambda: complete_steps(run_dir) and any(r["step"] >= kill_after for r in records(run_dir)), proc
+        )
         assert seen and proc.poll() is None, f"run ended before step {kill_after} (seed {seed})"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)

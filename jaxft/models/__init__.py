@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models import bert_hf, gpt2_hf, llama_hf
+from jaxft.models import bert_hf, gpt2_hf, llama_hf, lora
 from jaxft.models.bert import BertModel, BertSpec
 from jaxft.models.bert_hf import ArchitectureError
 from jaxft.models.gpt2 import GPT2Model, GPT2Spec
@@ -183,17 +183,29 @@ def architecture_differences(family_name: str, saved: dict[str, Any], spec: Any)
     return [f"{k} {saved.get(k)!r} vs {now[k]!r}" for k in keys if saved.get(k) != now[k]]
 
 
-def _make_model(spec: Any, seed: int, param_dtype: Any) -> nnx.Module:
-    return family_for_spec(spec).model_class(spec, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(param_dtype))
+def _make_model(spec: Any, seed: int, param_dtype: Any, lora_spec: lora.LoraSpec | None = None) -> nnx.Module:
+    rngs = nnx.Rngs(seed)
+    model = family_for_spec(spec).model_class(spec, rngs=rngs, param_dtype=jnp.dtype(param_dtype))
+    if lora_spec is not None:
+        lora.attach(model, lora_spec, rngs)
+    return model
 
 
-def build_abstract_model(spec: Any, param_dtype: Any = jnp.float32) -> tuple[nnx.GraphDef, nnx.State]:
-    """Shapes only: the graph definition and a State of ShapeDtypeStructs carrying logical axis metadata."""
-    return nnx.split(nnx.eval_shape(lambda: _make_model(spec, 0, param_dtype)))
+def build_abstract_model(
+    spec: Any, param_dtype: Any = jnp.float32, lora_spec: lora.LoraSpec | None = None
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """Shapes only: the graph definition and a State of ShapeDtypeStructs carrying logical axis metadata
+    (with LoRA adapters on the targeted layers when `lora_spec` is given)."""
+    return nnx.split(nnx.eval_shape(lambda: _make_model(spec, 0, param_dtype, lora_spec)))
 
 
 def init_params(
-    spec: Any, param_dtype: Any, wanted: set[str], shardings: dict[str, Any], seed: int
+    spec: Any,
+    param_dtype: Any,
+    wanted: set[str],
+    shardings: dict[str, Any],
+    seed: int,
+    lora_spec: lora.LoraSpec | None = None,
 ) -> dict[str, jax.Array]:
     """Fresh initial values for the `wanted` parameter paths only, created directly in their shardings.
 
@@ -206,7 +218,7 @@ def init_params(
         return {}
 
     def init():
-        model = _make_model(spec, seed, param_dtype)
+        model = _make_model(spec, seed, param_dtype, lora_spec)
         return {path_str(p): v.get_value() for p, v in nnx.state(model).flat_state() if path_str(p) in wanted}
 
     return jax.jit(init, out_shardings={p: shardings[p] for p in wanted})()

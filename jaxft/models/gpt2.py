@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import axes
-from jaxft.models import llama
+from jaxft.models import llama, lora
 from jaxft.models.bert import LayerNorm
 from jaxft.models.llama import Linear, LlamaModel, make_attention_mask, make_positions
 
@@ -57,8 +57,9 @@ class Attention(nnx.Module):
         self.c_proj = Linear((N, H), (E,), (axes.HEADS, axes.KV), (axes.EMBED,), bias=True, rngs=rngs, dtype=dtype)
         self.scale = spec.head_dim**-0.5 if spec.scale_attn_weights else 1.0
 
-    def __call__(self, x_BxLxE, mask_Bx1xLxL, compute_dtype, attention_impl):
-        qkv_BxLx3xNxH = self.c_attn(x_BxLxE, compute_dtype)
+    def __call__(self, x_BxLxE, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
+        rng_attn, rng_proj = lora.split(rng, 2)
+        qkv_BxLx3xNxH = self.c_attn(x_BxLxE, compute_dtype, rng_attn)
         q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         ctx_BxLxNxH = jax.nn.dot_product_attention(
             q_BxLxNxH,
@@ -69,7 +70,7 @@ class Attention(nnx.Module):
             scale=self.scale,
             implementation=attention_impl,
         )
-        return self.c_proj(ctx_BxLxNxH, compute_dtype)
+        return self.c_proj(ctx_BxLxNxH, compute_dtype, rng_proj)
 
 
 class MLP(nnx.Module):
@@ -81,8 +82,10 @@ class MLP(nnx.Module):
         self.c_proj = Linear((F,), (E,), (axes.MLP,), (axes.EMBED,), bias=True, rngs=rngs, dtype=dtype)
         self.hidden_act = spec.hidden_act
 
-    def __call__(self, x_BxLxE, compute_dtype):
-        return self.c_proj(ACTIVATIONS[self.hidden_act](self.c_fc(x_BxLxE, compute_dtype)), compute_dtype)
+    def __call__(self, x_BxLxE, compute_dtype, rng=None):
+        rng_fc, rng_proj = lora.split(rng, 2)
+        h_BxLxF = ACTIVATIONS[self.hidden_act](self.c_fc(x_BxLxE, compute_dtype, rng_fc))
+        return self.c_proj(h_BxLxF, compute_dtype, rng_proj)
 
 
 class Block(nnx.Module):
@@ -94,12 +97,13 @@ class Block(nnx.Module):
         self.ln_2 = LayerNorm(spec.hidden_size, spec.layer_norm_eps, dtype=dtype)
         self.mlp = MLP(spec, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl):
+    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
         # `rope` is always None (positions are added once, to the embeddings): the slot keeps llama's
         # DecoderLayer call signature, so llama's scan/remat layer runner drives these blocks unchanged.
         del rope
-        x_BxLxE = x_BxLxE + self.attn(self.ln_1(x_BxLxE), mask_Bx1xLxL, compute_dtype, attention_impl)
-        return x_BxLxE + self.mlp(self.ln_2(x_BxLxE), compute_dtype)
+        rng_attn, rng_mlp = lora.split(rng, 2)
+        x_BxLxE = x_BxLxE + self.attn(self.ln_1(x_BxLxE), mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
+        return x_BxLxE + self.mlp(self.ln_2(x_BxLxE), compute_dtype, rng_mlp)
 
 
 def build_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -145,23 +149,28 @@ class GPT2Model(nnx.Module):
     configure = LlamaModel.configure
     _decode = LlamaModel._decode
 
-    def __call__(self, input_ids, attention_mask=None, segment_ids=None, positions=None) -> jax.Array:
+    def __call__(
+        self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
+    ) -> jax.Array:
         """Logits [B, L, V] in fp32.
 
         attention_mask [B, L]: 0 marks padding (never attended to). segment_ids [B, L]: packed sequences;
         a token attends only to earlier tokens of its own segment. positions [B, L]: rows of wpe; by
         default 0.. per row, restarting at each segment when segment_ids are given.
         """
-        return self.project(self.hidden_states(input_ids, attention_mask, segment_ids, positions))
+        hidden = self.hidden_states(input_ids, attention_mask, segment_ids, positions, dropout_rng=dropout_rng)
+        return self.project(hidden)
 
-    def hidden_states(self, input_ids, attention_mask=None, segment_ids=None, positions=None) -> jax.Array:
+    def hidden_states(
+        self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
+    ) -> jax.Array:
         """The ln_f-normed hidden states [B, L, E] in the compute dtype (what `project` turns into logits)."""
         input_ids_BxL = jnp.asarray(input_ids)
         positions_BxL = make_positions(input_ids_BxL, segment_ids) if positions is None else jnp.asarray(positions)
         mask_Bx1xLxL = make_attention_mask(attention_mask, segment_ids)
         # Sum in the parameter dtype, as HF does, then cast once.
         x_BxLxE = jnp.take(self.wte[...], input_ids_BxL, axis=0) + jnp.take(self.wpe[...], positions_BxL, axis=0)
-        x_BxLxE = self._decode(x_BxLxE.astype(self.compute_dtype), None, mask_Bx1xLxL)
+        x_BxLxE = self._decode(x_BxLxE.astype(self.compute_dtype), None, mask_Bx1xLxL, dropout_rng)
         return self.ln_f(x_BxLxE)
 
     def project(self, hidden_BxLxE: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft import axes
+from jaxft.models import lora
 
 # Key/value heads under grouped-query attention: fewer than the query heads (axes.HEADS), so a mesh rule may
 # need to treat them differently (a tensor axis larger than the kv head count must replicate them).
@@ -170,13 +171,16 @@ class Linear(nnx.Module):
             self.bias = nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=tuple(out_axes))
         self.n_in = len(in_shape)
 
-    def __call__(self, x: jax.Array, compute_dtype: Any) -> jax.Array:
+    def __call__(self, x: jax.Array, compute_dtype: Any, rng: jax.Array | None = None) -> jax.Array:
+        """`rng` drives LoRA dropout only (training); the base path has no dropout."""
         kernel = self.kernel[...].astype(compute_dtype)
         in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
         lead = x.shape[: x.ndim - self.n_in]
         # One plain 2-D matmul (XLA:CPU is slow on dots with several batch/contracting dims), accumulated in fp32.
         x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
         y = jnp.matmul(x2, kernel.reshape(x2.shape[1], -1), preferred_element_type=jnp.float32)
+        if hasattr(self, "lora_a"):
+            y = y + lora.delta(self, x2, compute_dtype, rng)
         y = y.reshape(lead + out_shape)
         if hasattr(self, "bias"):
             y = y + self.bias[...].astype(jnp.float32)
@@ -199,19 +203,20 @@ class Attention(nnx.Module):
     def __init__(self, spec: LlamaSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
         E, N, K, H = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_axes, kv_axes = (axes.HEADS, axes.KV), (KV_HEADS, axes.KV)
-        self.q = Linear((E,), (N, H), (axes.EMBED,), q_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
-        self.k = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
-        self.v = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
-        self.o = Linear((N, H), (E,), q_axes, (axes.EMBED,), bias=spec.o_bias, rngs=rngs, dtype=dtype)
+        self.q_proj = Linear((E,), (N, H), (axes.EMBED,), q_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
+        self.k_proj = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
+        self.v_proj = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
+        self.o_proj = Linear((N, H), (E,), q_axes, (axes.EMBED,), bias=spec.o_bias, rngs=rngs, dtype=dtype)
         if spec.qk_norm:
             self.q_norm = RMSNorm(H, spec.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(H, spec.rms_norm_eps, dtype=dtype)
         self.spec = spec
 
-    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl):
-        q_BxLxNxH = self.q(x_BxLxE, compute_dtype)
-        k_BxLxKxH = self.k(x_BxLxE, compute_dtype)
-        v_BxLxKxH = self.v(x_BxLxE, compute_dtype)
+    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
+        rng_q, rng_k, rng_v, rng_o = lora.split(rng, 4)
+        q_BxLxNxH = self.q_proj(x_BxLxE, compute_dtype, rng_q)
+        k_BxLxKxH = self.k_proj(x_BxLxE, compute_dtype, rng_k)
+        v_BxLxKxH = self.v_proj(x_BxLxE, compute_dtype, rng_v)
         if self.spec.qk_norm:
             q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
         q_BxLxNxH, k_BxLxKxH = apply_rope(q_BxLxNxH, *rope), apply_rope(k_BxLxKxH, *rope)
@@ -228,7 +233,7 @@ class Attention(nnx.Module):
             local_window_size=None if window is None else (window - 1, 0),
             implementation=attention_impl,
         )
-        return self.o(ctx_BxLxNxH, compute_dtype)
+        return self.o_proj(ctx_BxLxNxH, compute_dtype, rng_o)
 
 
 class MLP(nnx.Module):
@@ -236,29 +241,32 @@ class MLP(nnx.Module):
 
     def __init__(self, spec: LlamaSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
         E, F, b = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
-        self.gate = Linear((E,), (F,), (axes.EMBED,), (axes.MLP,), bias=b, rngs=rngs, dtype=dtype)
-        self.up = Linear((E,), (F,), (axes.EMBED,), (axes.MLP,), bias=b, rngs=rngs, dtype=dtype)
-        self.down = Linear((F,), (E,), (axes.MLP,), (axes.EMBED,), bias=b, rngs=rngs, dtype=dtype)
+        self.gate_proj = Linear((E,), (F,), (axes.EMBED,), (axes.MLP,), bias=b, rngs=rngs, dtype=dtype)
+        self.up_proj = Linear((E,), (F,), (axes.EMBED,), (axes.MLP,), bias=b, rngs=rngs, dtype=dtype)
+        self.down_proj = Linear((F,), (E,), (axes.MLP,), (axes.EMBED,), bias=b, rngs=rngs, dtype=dtype)
         self.hidden_act = spec.hidden_act
 
-    def __call__(self, x_BxLxE, compute_dtype):
-        h_BxLxF = ACTIVATIONS[self.hidden_act](self.gate(x_BxLxE, compute_dtype)) * self.up(x_BxLxE, compute_dtype)
-        return self.down(h_BxLxF, compute_dtype)
+    def __call__(self, x_BxLxE, compute_dtype, rng=None):
+        rng_gate, rng_up, rng_down = lora.split(rng, 3)
+        gate_BxLxF = ACTIVATIONS[self.hidden_act](self.gate_proj(x_BxLxE, compute_dtype, rng_gate))
+        h_BxLxF = gate_BxLxF * self.up_proj(x_BxLxE, compute_dtype, rng_up)
+        return self.down_proj(h_BxLxF, compute_dtype, rng_down)
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, spec: LlamaSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.attention_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
-        self.attention = Attention(spec, rngs=rngs, dtype=dtype)
-        self.mlp_norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
+        self.self_attn = Attention(spec, rngs=rngs, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(spec, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl):
-        attended = self.attention(self.attention_norm(x_BxLxE), rope, mask_Bx1xLxL, compute_dtype, attention_impl)
-        x_BxLxE = x_BxLxE + attended
-        return x_BxLxE + self.mlp(self.mlp_norm(x_BxLxE), compute_dtype)
+    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
+        rng_attn, rng_mlp = lora.split(rng, 2)
+        normed_BxLxE = self.input_layernorm(x_BxLxE)
+        x_BxLxE = x_BxLxE + self.self_attn(normed_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
+        return x_BxLxE + self.mlp(self.post_attention_layernorm(x_BxLxE), compute_dtype, rng_mlp)
 
 
 def build_stacked_layers(spec: LlamaSpec, rngs: nnx.Rngs, dtype: Any) -> DecoderLayer:
@@ -278,10 +286,10 @@ def build_stacked_layers(spec: LlamaSpec, rngs: nnx.Rngs, dtype: Any) -> Decoder
 
 
 def _layer_fn(graphdef: nnx.GraphDef, compute_dtype: Any, attention_impl: str | None, remat: str, scanned: bool):
-    """A pure (layer params, x, rope, mask) -> x with the static options bound, wrapped in jax.checkpoint."""
+    """A pure (layer params, x, rope, mask, rng) -> x with the static options bound, wrapped in jax.checkpoint."""
 
-    def run(params, x_BxLxE, rope, mask_Bx1xLxL):
-        return nnx.merge(graphdef, params)(x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl)
+    def run(params, x_BxLxE, rope, mask_Bx1xLxL, rng):
+        return nnx.merge(graphdef, params)(x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng)
 
     if remat == "none":
         return run
@@ -300,7 +308,7 @@ class LlamaModel(nnx.Module):
             raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}")
         self.spec = spec
         embedding = _normal(rngs, (spec.vocab_size, spec.hidden_size), param_dtype)
-        self.embed = nnx.Param(embedding, logical_axes=(axes.VOCAB, axes.EMBED))
+        self.embed_tokens = nnx.Param(embedding, logical_axes=(axes.VOCAB, axes.EMBED))
         if spec.scan_layers:
             self.layers = build_stacked_layers(spec, rngs, param_dtype)
         else:
@@ -327,23 +335,29 @@ class LlamaModel(nnx.Module):
         self.attention_impl = attention_impl
         return self
 
-    def __call__(self, input_ids, attention_mask=None, segment_ids=None, positions=None) -> jax.Array:
+    def __call__(
+        self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
+    ) -> jax.Array:
         """Logits [B, L, V] in fp32.
 
         attention_mask [B, L]: 0 marks padding (never attended to). segment_ids [B, L]: packed sequences;
         a token attends only to earlier tokens of its own segment. positions [B, L]: RoPE positions; by
-        default 0.. per row, restarting at each segment when segment_ids are given.
+        default 0.. per row, restarting at each segment when segment_ids are given. dropout_rng: LoRA
+        dropout while training (the only dropout in the decoders).
         """
-        return self.project(self.hidden_states(input_ids, attention_mask, segment_ids, positions))
+        hidden = self.hidden_states(input_ids, attention_mask, segment_ids, positions, dropout_rng=dropout_rng)
+        return self.project(hidden)
 
-    def hidden_states(self, input_ids, attention_mask=None, segment_ids=None, positions=None) -> jax.Array:
+    def hidden_states(
+        self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
+    ) -> jax.Array:
         """The final-normed hidden states [B, L, E] in the compute dtype (what `project` turns into logits)."""
         input_ids_BxL = jnp.asarray(input_ids)
         positions_BxL = make_positions(input_ids_BxL, segment_ids) if positions is None else jnp.asarray(positions)
         rope = rope_cos_sin(self.spec, positions_BxL)
         mask_Bx1xLxL = make_attention_mask(attention_mask, segment_ids)
-        x_BxLxE = jnp.take(self.embed[...], input_ids_BxL, axis=0).astype(self.compute_dtype)
-        x_BxLxE = self._decode(x_BxLxE, rope, mask_Bx1xLxL)
+        x_BxLxE = jnp.take(self.embed_tokens[...], input_ids_BxL, axis=0).astype(self.compute_dtype)
+        x_BxLxE = self._decode(x_BxLxE, rope, mask_Bx1xLxL, dropout_rng)
         return self.norm(x_BxLxE)
 
     def project(self, hidden_BxLxE: jax.Array) -> jax.Array:
@@ -351,23 +365,31 @@ class LlamaModel(nnx.Module):
         cd = self.compute_dtype
         h2 = hidden_BxLxE.astype(cd).reshape(-1, hidden_BxLxE.shape[-1])
         if self.spec.tie_word_embeddings:
-            weight, contract = self.embed[...], 1  # [V, E]: contract its E, no transposed copy
+            weight, contract = self.embed_tokens[...], 1  # [V, E]: contract its E, no transposed copy
         else:
             weight, contract = self.lm_head.kernel[...], 0  # [E, V]
         dims = (((1,), (contract,)), ((), ()))
         logits = jax.lax.dot_general(h2, weight.astype(cd), dims, preferred_element_type=jnp.float32)
         return logits.reshape(hidden_BxLxE.shape[:-1] + (-1,))
 
-    def _decode(self, x_BxLxE, rope, mask_Bx1xLxL):
+    def _decode(self, x_BxLxE, rope, mask_Bx1xLxL, rng=None):
         cd, impl, scanned = self.compute_dtype, self.attention_impl, self.spec.scan_layers
+        layer_rngs = None if rng is None else jax.random.split(rng, self.spec.num_layers)
         if scanned:
             graphdef, stacked = nnx.split(self.layers)
             run = _layer_fn(graphdef, cd, impl, self.remat, scanned=True)
-            x_BxLxE, _ = jax.lax.scan(lambda x, params: (run(params, x, rope, mask_Bx1xLxL), None), x_BxLxE, stacked)
+
+            def body(x, xs):
+                params, layer_rng = xs
+                return run(params, x, rope, mask_Bx1xLxL, layer_rng), None
+
+            x_BxLxE, _ = jax.lax.scan(body, x_BxLxE, (stacked, layer_rngs))
             return x_BxLxE
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             graphdef, params = nnx.split(layer)
-            x_BxLxE = _layer_fn(graphdef, cd, impl, self.remat, scanned=False)(params, x_BxLxE, rope, mask_Bx1xLxL)
+            layer_rng = None if layer_rngs is None else layer_rngs[i]
+            run = _layer_fn(graphdef, cd, impl, self.remat, scanned=False)
+            x_BxLxE = run(params, x_BxLxE, rope, mask_Bx1xLxL, layer_rng)
         return x_BxLxE
 
 

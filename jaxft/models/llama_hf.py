@@ -25,21 +25,21 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # -> kernel [in..., out...] with one / two input dims).
 # (jaxft path regex outside the layers, HF key template, kind)
 GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"embed", "model.embed_tokens.weight", "copy"),
+    (r"embed_tokens", "model.embed_tokens.weight", "copy"),
     (r"norm/scale", "model.norm.weight", "copy"),
     (r"lm_head/kernel", "lm_head.weight", "linear1"),
 )
 # (jaxft path regex inside one layer, HF key template after "model.layers.{i}.", kind)
 LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"attention/(q|k|v)/kernel", "self_attn.{0}_proj.weight", "linear1"),
-    (r"attention/(q|k|v)/bias", "self_attn.{0}_proj.bias", "flat"),
-    (r"attention/o/kernel", "self_attn.o_proj.weight", "linear2"),
-    (r"attention/o/bias", "self_attn.o_proj.bias", "copy"),
-    (r"attention/(q|k)_norm/scale", "self_attn.{0}_norm.weight", "copy"),
-    (r"attention_norm/scale", "input_layernorm.weight", "copy"),
-    (r"mlp_norm/scale", "post_attention_layernorm.weight", "copy"),
-    (r"mlp/(gate|up|down)/kernel", "mlp.{0}_proj.weight", "linear1"),
-    (r"mlp/(gate|up|down)/bias", "mlp.{0}_proj.bias", "copy"),
+    (r"self_attn/(q|k|v)_proj/kernel", "self_attn.{0}_proj.weight", "linear1"),
+    (r"self_attn/(q|k|v)_proj/bias", "self_attn.{0}_proj.bias", "flat"),
+    (r"self_attn/o_proj/kernel", "self_attn.o_proj.weight", "linear2"),
+    (r"self_attn/o_proj/bias", "self_attn.o_proj.bias", "copy"),
+    (r"self_attn/(q|k)_norm/scale", "self_attn.{0}_norm.weight", "copy"),
+    (r"input_layernorm/scale", "input_layernorm.weight", "copy"),
+    (r"post_attention_layernorm/scale", "post_attention_layernorm.weight", "copy"),
+    (r"mlp/(gate|up|down)_proj/kernel", "mlp.{0}_proj.weight", "linear1"),
+    (r"mlp/(gate|up|down)_proj/bias", "mlp.{0}_proj.bias", "copy"),
 )
 LAYER_PREFIX = "model.layers.{}."
 
@@ -56,7 +56,8 @@ class HFEntry:
 def hf_entry(path: str, num_layers: int) -> HFEntry | None:
     """The HF key(s) and kind for a '/'-joined jaxft parameter path, or None if the table has no entry.
 
-    `layers/3/mlp/up/kernel` (unscanned) names one key; `layers/mlp/up/kernel` (scanned) names num_layers keys.
+    `layers/3/mlp/up_proj/kernel` (unscanned) names one key; `layers/mlp/up_proj/kernel` (scanned) names
+    num_layers keys.
     """
     for pattern, template, kind in GLOBAL_TABLE:
         if re.fullmatch(pattern, path):
