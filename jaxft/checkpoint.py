@@ -48,7 +48,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 def best_mode(cfg: CheckpointConfig) -> str:
     if cfg.keep_best_mode != "auto":
         return cfg.keep_best_mode
-    return "min" if "loss" in cfg.keep_best_metric else "max"
+    return "min" if "loss" in cfg.keep_best_metric or "perplexity" in cfg.keep_best_metric else "max"
 
 
 def build_manager(run_dir: Path, cfg: CheckpointConfig, read_only: bool = False) -> ocp.CheckpointManager:

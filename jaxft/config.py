@@ -28,7 +28,7 @@ class ModelConfig:
     num_labels: int = 0  # 0: take it from data.label_names
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # "bfloat16" computes in bf16 with fp32 params
-    remat: bool = False
+    remat: str = "none"  # recompute activations in the backward pass: none | full | dots_saveable | ...
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
     scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
     frozen_dtype: str = ""  # storage dtype of frozen parameters ("" = param_dtype; "bfloat16" halves a LoRA base)
@@ -133,7 +133,7 @@ class DataConfig:
     train_on_prompt: bool = False  # False: the loss covers completion/assistant tokens only
     packing: bool = True  # several examples per row, attention never crossing them
     truncation: str = "error"  # an example longer than max_length: "error", "left" (keep its end), "drop"
-    chat_template: str = ""  # Jinja chat template for tokenizers without one ("" = a simple built-in one)
+    chat_template: str = ""  # Jinja chat template; "" = the tokenizer's own, or a simple built-in one if it has none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,12 +166,13 @@ _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.frozen_dtype": ("", "float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "optim.name": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "checkpoint.keep_best_mode": ("auto", "min", "max"),
     "train.nonfinite": ("halt", "skip"),
     "data.truncation": ("error", "left", "drop"),
-    "checkpoint.keep_best_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1"),
+    "checkpoint.keep_best_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity"),
 }
 _POSITIVE = (
     "train.max_steps",
@@ -245,6 +246,8 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
             return float(str(raw))
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
+    if tp is str and key == "model.remat" and (isinstance(raw, bool) or str(raw).lower() in ("true", "false")):
+        return "full" if str(raw).lower() == "true" else "none"  # remat was a switch before it took a policy
     if tp is str:
         if not isinstance(raw, str):
             raise ConfigError(f"{key}: expected a string, got {raw!r}")
@@ -351,6 +354,8 @@ def from_dict(d: dict[str, Any]) -> Config:
         values = d.get(section.name, {})
         known = _field_types(cls)
         kwargs = {k: _from_json(v) for k, v in values.items() if k in known}
+        if section.name == "model" and isinstance(kwargs.get("remat"), bool):  # runs saved before policies
+            kwargs["remat"] = _coerce("model.remat", kwargs["remat"], str)
         sections[section.name] = cls(**kwargs)
     return Config(**sections)
 

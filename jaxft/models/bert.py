@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import axes
+from jaxft.models.remat import REMAT_POLICIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,14 +188,15 @@ class Encoder(nnx.Module):
     def __init__(self, spec: BertSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.layers = nnx.List([Layer(spec, rngs=rngs, dtype=dtype) for _ in range(spec.num_layers)])
 
-    def __call__(self, x_BxLxE, mask_Bx1x1xL, rng, compute_dtype, remat: bool, last_queries: int | None = None):
+    def __call__(self, x_BxLxE, mask_Bx1x1xL, rng, compute_dtype, remat: str, last_queries: int | None = None):
         """`last_queries=1`: the last layer computes only the first token's output, which is all a
         [CLS]-pooled head reads; the result is identical and that layer costs about 1/L as much."""
         n = len(self.layers)
         for i, (layer, layer_rng) in enumerate(zip(self.layers, _split(rng, n))):
             queries = last_queries if i == n - 1 else None
-            if remat:
-                x_BxLxE = nnx.remat(_layer_fn(compute_dtype, queries))(layer, x_BxLxE, mask_Bx1x1xL, layer_rng)
+            if remat != "none":
+                checkpointed = nnx.remat(_layer_fn(compute_dtype, queries), policy=REMAT_POLICIES[remat])
+                x_BxLxE = checkpointed(layer, x_BxLxE, mask_Bx1x1xL, layer_rng)
             else:
                 x_BxLxE = layer(x_BxLxE, mask_Bx1x1xL, layer_rng, compute_dtype, queries)
         return x_BxLxE
@@ -250,10 +252,15 @@ class BertModel(nnx.Module):
         else:
             self.classifier = Dense((E,), (C,), (axes.EMBED,), (axes.LABELS,), rngs=rngs, dtype=param_dtype)
         self.compute_dtype = jnp.float32
-        self.remat = False
+        self.remat = "none"
 
-    def configure(self, compute_dtype: Any = jnp.float32, remat: bool = False) -> BertModel:
-        """Sets static execution options (not parameters)."""
+    def configure(self, compute_dtype: Any = jnp.float32, remat: bool | str = "none") -> BertModel:
+        """Sets static execution options (not parameters). remat: none | full | dots_saveable |
+        dots_with_no_batch_dims_saveable (True/False mean full/none)."""
+        if isinstance(remat, bool):
+            remat = "full" if remat else "none"
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {remat!r} is not one of: none, {', '.join(REMAT_POLICIES)}")
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.remat = remat
         return self

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,20 +16,13 @@ from flax import nnx
 
 from jaxft import axes
 from jaxft.models import lora
+from jaxft.models.remat import REMAT_POLICIES
 
 # Key/value heads under grouped-query attention: fewer than the query heads (axes.HEADS), so a mesh rule may
 # need to treat them differently (a tensor axis larger than the kv head count must replicate them).
 KV_HEADS = "kv_heads"
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
-
-# remat name -> jax.checkpoint policy; "none" skips jax.checkpoint, "full" saves nothing and recomputes all.
-REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    # Saves the weight matmuls but not the [B, N, L, L] attention logits, which dots_saveable also keeps.
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
