@@ -6,7 +6,6 @@ Reading or writing files is load.py's and export's job; this module only names a
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,20 +64,7 @@ def hf_entry(path: str, num_layers: int, prefix: str = BODY_PREFIX) -> HFEntry |
 
     `layers/3/mlp/c_fc/kernel` (unscanned) names one key; `layers/mlp/c_fc/kernel` (scanned) names num_layers keys.
     """
-    for pattern, template, kind in GLOBAL_TABLE:
-        if re.fullmatch(pattern, path):
-            return HFEntry((prefix + template,), kind, False)
-    m = re.fullmatch(r"layers/(?:(\d+)/)?(.+)", path)
-    if m is None:
-        return None
-    index, rest = m.groups()
-    for pattern, template, kind in LAYER_TABLE:
-        inner = re.fullmatch(pattern, rest)
-        if inner:
-            key = template.format(*inner.groups())
-            layers = range(num_layers) if index is None else (int(index),)
-            return HFEntry(tuple(prefix + LAYER_PREFIX.format(i) + key for i in layers), kind, index is None)
-    return None
+    return llama_hf.match_entry(path, num_layers, GLOBAL_TABLE, LAYER_TABLE, LAYER_PREFIX, prefix)
 
 
 # bert_hf knows the conv kinds, so llama_hf's layer-stacking, block-reading converters serve GPT-2 as they are.

@@ -59,19 +59,32 @@ def hf_entry(path: str, num_layers: int) -> HFEntry | None:
     `layers/3/mlp/up_proj/kernel` (unscanned) names one key; `layers/mlp/up_proj/kernel` (scanned) names
     num_layers keys.
     """
-    for pattern, template, kind in GLOBAL_TABLE:
+    return match_entry(path, num_layers, GLOBAL_TABLE, LAYER_TABLE, LAYER_PREFIX)
+
+
+def match_entry(
+    path: str,
+    num_layers: int,
+    global_table: Sequence[tuple[str, str, str]],
+    layer_table: Sequence[tuple[str, str, str]],
+    layer_prefix: str,
+    prefix: str = "",
+) -> HFEntry | None:
+    """A decoder family's table lookup: global parameters, then `layers/[i/]...` against the per-layer table,
+    whose keys live under `prefix + layer_prefix.format(i)` (one per layer when the parameter is stacked)."""
+    for pattern, template, kind in global_table:
         if re.fullmatch(pattern, path):
-            return HFEntry((template,), kind, False)
+            return HFEntry((prefix + template,), kind, False)
     m = re.fullmatch(r"layers/(?:(\d+)/)?(.+)", path)
     if m is None:
         return None
     index, rest = m.groups()
-    for pattern, template, kind in LAYER_TABLE:
+    for pattern, template, kind in layer_table:
         inner = re.fullmatch(pattern, rest)
         if inner:
             key = template.format(*inner.groups())
             layers = range(num_layers) if index is None else (int(index),)
-            return HFEntry(tuple(LAYER_PREFIX.format(i) + key for i in layers), kind, index is None)
+            return HFEntry(tuple(prefix + layer_prefix.format(i) + key for i in layers), kind, index is None)
     return None
 
 
