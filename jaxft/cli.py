@@ -125,10 +125,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     step = select_step(Path(args.run_dir), args.step, args.best)
     record, out = eval_run(Path(args.run_dir), step, args.overrides)
-    print(
-        f"step {step}: eval_loss={record['eval_loss']:.4f} eval_accuracy={record['eval_accuracy']:.4f} "
-        f"eval_macro_f1={record['eval_macro_f1']:.4f} ({int(record['eval_examples'])} examples)"
-    )
+    shown = ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity")
+    values = " ".join(f"{k}={record[k]:.4f}" for k in shown if k in record)
+    unit = "tokens" if "eval_perplexity" in record else "examples"
+    print(f"step {step}: {values} ({int(record['eval_examples'])} {unit})")
     print(f"wrote {out}")
     return 0
 

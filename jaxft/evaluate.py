@@ -61,6 +61,29 @@ def classification_batches(source: Any, encoder: pipeline.Encoder, batch_size: i
     return lambda: pipeline.iter_eval_batches(source, encoder, batch_size)
 
 
+def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: int):
+    """A classification run's eval batches, with the run's label set."""
+    sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
+    if sources.eval is None:
+        raise pipeline.DataError(f"data.eval_split: {cfg.data.eval_split!r} is not a split of {cfg.data.dataset}")
+    if list(sources.label_names) != list(meta["label_names"]):
+        raise pipeline.DataError(
+            f"data: labels {list(sources.label_names)} differ from the run's {meta['label_names']}"
+        )
+    return classification_batches(sources.eval, pipeline.Encoder(folder, cfg.data.max_length, sources), batch_size)
+
+
+def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: int):
+    """A causal-LM run's eval batches (one example per row), tokenized as in training."""
+    from jaxft.data import lm
+
+    sources = lm.open_lm_sources(cfg.data)
+    if sources.eval is None:
+        raise pipeline.DataError("data.eval_files: this causal-lm run has no eval files; name some")
+    encoder = lm.LMEncoder(folder, cfg.data, int(meta["spec"]["vocab_size"]))
+    return lambda: lm.iter_lm_eval_batches(sources.eval, encoder, batch_size, cfg.data.max_length)
+
+
 def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[str, Any], Path]:
     """Evaluates one checkpoint of a run on its eval split (or the one `data.*` overrides name) and
     writes RUN_DIR/eval-<step>.json."""
@@ -71,19 +94,10 @@ def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[
         raise ConfigError(f"{bad[0]!r}: jaxft eval takes only data.* overrides")
     graphdef, params, meta, m, step = load_run_model(run_dir, step)
     cfg = validate(apply_overrides(from_dict(meta["config"]), list(overrides)))
-    if cfg.model.task == "causal-lm":
-        raise ConfigError(f"{run_dir}: jaxft eval of a causal-lm run is not supported yet (its training evals are)")
-    sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
-    if sources.eval is None:
-        raise pipeline.DataError(f"data.eval_split: {cfg.data.eval_split!r} is not a split of {cfg.data.dataset}")
-    if list(sources.label_names) != list(meta["label_names"]):
-        raise pipeline.DataError(
-            f"data: labels {list(sources.label_names)} differ from the run's {meta['label_names']}"
-        )
     batch_size = -(-cfg.train.eval_batch_size // mesh.data_parallel_size(m)) * mesh.data_parallel_size(m)
-    encoder = pipeline.Encoder(Path(meta["source"]["path"]), cfg.data.max_length, sources)
-    batches = classification_batches(sources.eval, encoder, batch_size)
-    evaluate = build_evaluate(compile.jit_eval_step(graphdef, m), batches, m)
+    folder = Path(meta["source"]["path"])
+    batches = (lm_batches if cfg.model.task == "causal-lm" else labelled_batches)(cfg, meta, folder, batch_size)
+    evaluate = build_evaluate(compile.jit_eval_step(graphdef, m, cfg.model.task), batches, m)
     metrics = evaluate(params, type(params)({}))  # all parameters as one partition: eval has no split
     record = {"step": step, "dataset": cfg.data.dataset, "split": cfg.data.eval_split, **metrics}
     out = Path(run_dir) / f"eval-{step}.json"

@@ -119,3 +119,13 @@ def test_causal_lm_bad_inputs_are_one_line(tiny_qwen, tmp_path, capsys):
     code = cli.main(["train", SFT, "--run-dir", str(tmp_path / "r"), f"model.source={tiny_qwen}", "lora.targets=.*qkv"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "lora.targets" in err[-1] and "'.*qkv'" in err[-1], err
+
+
+def test_eval_of_a_saved_lm_step_matches_the_training_eval(sft_run, capsys):
+    assert cli.main(["eval", str(sft_run), "--step", "6"]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((sft_run / "eval-6.json").read_text())
+    at_6 = next(r for r in records(sft_run) if r["step"] == 6 and "eval_loss" in r)
+    assert np.isclose(record["eval_loss"], at_6["eval_loss"], rtol=1e-5)
+    assert np.isclose(record["eval_perplexity"], at_6["eval_perplexity"], rtol=1e-5)
+    assert "eval_perplexity=" in out and "tokens)" in out
