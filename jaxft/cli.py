@@ -72,8 +72,18 @@ def _quiet_libraries() -> None:
 
 def _quiet_unraisable(info) -> None:
     # After a failed async write, tensorstore completes its remaining futures into Orbax's closed event
-    # loop; those callbacks raise "Event loop is closed" where nothing can catch them.
+    # loop; those callbacks raise "Event loop is closed" where nothing can catch them. After a failed read
+    # (a damaged checkpoint, already reported in one line), Orbax's abandoned read coroutines raise again
+    # when the garbage collector finalises them, at any later moment.
     if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+        return
+    code = getattr(info.object, "cr_code", None)
+    files = [code.co_filename] if code is not None else []
+    tb = info.exc_traceback
+    while tb is not None:
+        files.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if any("/orbax/" in f for f in files):
         return
     sys.__unraisablehook__(info)
 

@@ -290,7 +290,11 @@ class TrainData:
     def report(self) -> None:
         dropped = getattr(self.encoder, "dropped", 0)
         if dropped:
-            log.warning("data.truncation=drop: %d examples longer than data.max_length were dropped", dropped)
+            log.warning(
+                "data.truncation=drop: examples longer than data.max_length were skipped %d times "
+                "(an example counts again on every pass over the data, eval included)",
+                dropped,
+            )
 
 
 def build_data(cfg: Config) -> TrainData:
