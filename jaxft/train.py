@@ -169,7 +169,7 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     m = mesh.build_mesh(cfg.mesh)
     mesh.check_batch(cfg.train.batch_size, m, microbatches=cfg.train.grad_accum_steps)
     mesh.check_batch(cfg.train.eval_batch_size, m, what="train.eval_batch_size")
-    data = build_data(cfg)
+    data = TrainData(cfg)
     pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(data.label_names), cfg.lora)
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
@@ -295,10 +295,6 @@ class TrainData:
                 "(an example counts again on every pass over the data, eval included)",
                 dropped,
             )
-
-
-def build_data(cfg: Config) -> TrainData:
-    return TrainData(cfg)
 
 
 def build_unfreeze_groups(cfg: Config, plan: freeze.FreezePlan, pre: pretrained.Pretrained) -> list[list[str]]:

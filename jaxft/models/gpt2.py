@@ -7,7 +7,6 @@ Module and parameter names are HF's (`wte`, `c_attn`, `ln_f`, ...) so LoRA targe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from flax import nnx
 from jaxft import axes
 from jaxft.models import llama, lora
 from jaxft.models.bert import LayerNorm
-from jaxft.models.llama import Linear, LlamaModel, make_attention_mask, make_positions
+from jaxft.models.llama import Linear, LlamaModel, build_stacked, make_attention_mask, make_positions
 
 # HF's gelu_new is the tanh approximation of GELU, the same function as gelu_pytorch_tanh.
 ACTIVATIONS = {**llama.ACTIVATIONS, "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -104,22 +103,6 @@ class Block(nnx.Module):
         rng_attn, rng_mlp = lora.split(rng, 2)
         x_BxLxE = x_BxLxE + self.attn(self.ln_1(x_BxLxE), mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
         return x_BxLxE + self.mlp(self.ln_2(x_BxLxE), compute_dtype, rng_mlp)
-
-
-def build_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
-    """One layer whose every parameter has a leading `layers` axis of size num_layers."""
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
-        return make_layer(layer_rngs)
-
-    layers = make(rngs)
-    # vmap stacks the values but leaves our `logical_axes` metadata as it was: name the new axis here.
-    for _, node in nnx.iter_graph(layers):
-        if isinstance(node, nnx.Variable):
-            node.set_metadata("logical_axes", (axes.LAYERS,) + tuple(node.get_metadata()["logical_axes"]))
-    return layers
 
 
 class GPT2Model(nnx.Module):

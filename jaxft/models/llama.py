@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -261,13 +262,13 @@ class DecoderLayer(nnx.Module):
         return x_BxLxE + self.mlp(self.post_attention_layernorm(x_BxLxE), compute_dtype, rng_mlp)
 
 
-def build_stacked_layers(spec: LlamaSpec, rngs: nnx.Rngs, dtype: Any) -> DecoderLayer:
-    """One DecoderLayer whose every parameter has a leading `layers` axis of size num_layers."""
+def build_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """One layer (from `make_layer`) whose every parameter has a leading `layers` axis of size num_layers."""
 
-    @nnx.split_rngs(splits=spec.num_layers)
+    @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(layer_rngs: nnx.Rngs) -> DecoderLayer:
-        return DecoderLayer(spec, rngs=layer_rngs, dtype=dtype)
+    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make_layer(layer_rngs)
 
     layers = make(rngs)
     # vmap stacks the values but leaves our `logical_axes` metadata as it was: name the new axis here.
@@ -275,6 +276,11 @@ def build_stacked_layers(spec: LlamaSpec, rngs: nnx.Rngs, dtype: Any) -> Decoder
         if isinstance(node, nnx.Variable):
             node.set_metadata("logical_axes", (axes.LAYERS,) + tuple(node.get_metadata()["logical_axes"]))
     return layers
+
+
+def build_stacked_layers(spec: LlamaSpec, rngs: nnx.Rngs, dtype: Any) -> DecoderLayer:
+    """One DecoderLayer whose every parameter has a leading `layers` axis of size num_layers."""
+    return build_stacked(lambda r: DecoderLayer(spec, rngs=r, dtype=dtype), spec.num_layers, rngs)
 
 
 def _layer_fn(graphdef: nnx.GraphDef, compute_dtype: Any, attention_impl: str | None, remat: str, scanned: bool):
