@@ -1,7 +1,8 @@
 """LoRA SFT of a Llama-family decoder (Llama 3.x, Mistral, Qwen2/2.5/3) on prompt/completion or chat JSONL.
 
 The base model is frozen in bf16; rank-16 adapters on the attention projections train in fp32. The loss covers
-the assistant's tokens only, and examples are packed into rows of data.max_length.
+the assistant's tokens only, and examples are packed into rows of data.max_length. Checkpoints hold the adapters
+and their optimizer state only; the base is recorded by path and sha256 and read again on restore.
 Run (the checkpoint as a local folder, or a hub id where the hub is reachable):
   jaxft train configs/llama_sft_lora.py --run-dir runs/sft model.source=Qwen/Qwen2.5-0.5B \
       data.train_files=my_train.jsonl data.eval_files=my_eval.jsonl
@@ -33,5 +34,5 @@ config = base.replace(
         eval_files=(str(DEMO / "test.jsonl"),),
         max_length=512,
     ),
-    checkpoint=dc.replace(base.checkpoint, every_steps=50),
+    checkpoint=dc.replace(base.checkpoint, every_steps=50, save_frozen=False),
 )

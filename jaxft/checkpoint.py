@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,12 @@ log = logging.getLogger("jaxft.checkpoint")
 
 COMMIT_MARKER = "commit_success.txt"  # written last by Orbax; a step dir without it never finished
 ITEMS = ("state", "data", "meta")
+# Checkpoint metadata key: False when the frozen parameters were left out (checkpoint.save_frozen=false) and
+# must be read back from the pretrained files recorded in the metadata's `source`. Older checkpoints lack it.
+FROZEN_SAVED = "frozen_saved"
+
+# (abstract frozen State with shardings, the checkpoint's metadata) -> the frozen State, from the pretrained files
+LoadFrozen = Callable[[nnx.State, dict[str, Any]], nnx.State]
 
 
 class RunCheckpointError(ValueError):
@@ -78,14 +85,16 @@ def build_manager(run_dir: Path, cfg: CheckpointConfig, read_only: bool = False)
     return ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
 
 
-def _to_tree(state: TrainState) -> dict[str, Any]:
-    return {
+def _to_tree(state: TrainState, with_frozen: bool = True) -> dict[str, Any]:
+    tree = {
         "step": state.step,
         "rng": state.rng,
         "trainable": state.trainable.to_pure_dict(),
-        "frozen": state.frozen.to_pure_dict(),
         "opt_state": state.opt_state,
     }
+    if with_frozen:
+        tree["frozen"] = state.frozen.to_pure_dict()
+    return tree
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -99,6 +108,7 @@ class Saver:
         quarantine_unreadable_metrics(run_dir)
         self.manager = build_manager(run_dir, cfg)
         self.pending: int | None = None
+        self.save_frozen = cfg.save_frozen
 
     def save(
         self,
@@ -119,9 +129,9 @@ class Saver:
             self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(_to_tree(state)),
+                    state=ocp.args.StandardSave(_to_tree(state, self.save_frozen)),
                     data=ocp.args.JsonSave(data_state),
-                    meta=ocp.args.JsonSave(meta),
+                    meta=ocp.args.JsonSave({**meta, FROZEN_SAVED: self.save_frozen}),
                 ),
                 metrics=metrics,
             )
@@ -330,7 +340,7 @@ def check_tree(run_dir: Path, step: int, target: dict[str, Any]) -> None:
     saved_meta = getattr(item, "tree", None)
     if not isinstance(saved_meta, dict):
         raise CorruptCheckpointError(f"{path}: unreadable array metadata (no parameter tree found)")
-    parts = ("trainable", "frozen")
+    parts = [k for k in ("trainable", "frozen") if k in target]
     saved = _flat_shapes({k: saved_meta.get(k, {}) for k in parts})
     wanted = _flat_shapes({k: target[k] for k in parts})
     problems = [f"missing {p} {wanted[p]}" for p in wanted if p not in saved]
@@ -350,23 +360,56 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def restore_checkpoint(run_dir: Path, abstract_state: TrainState, shardings: TrainState, step: int) -> TrainState:
+def restore_checkpoint(
+    run_dir: Path,
+    abstract_state: TrainState,
+    shardings: TrainState,
+    step: int,
+    load_frozen: LoadFrozen | None = None,
+) -> TrainState:
     """Restores the train state of `step` into the target shardings: each process reads only its shards,
-    so a checkpoint saved on one mesh restores onto another without a full host copy."""
-    target = abstract_with_shardings(_to_tree(abstract_state), _to_tree(shardings))
+    so a checkpoint saved on one mesh restores onto another without a full host copy. A checkpoint saved
+    without its frozen parameters gets them from `load_frozen` (the pretrained files)."""
+    meta = read_meta(run_dir, step)
+    with_frozen = bool(meta.get(FROZEN_SAVED, True))
+    target = abstract_with_shardings(_to_tree(abstract_state, with_frozen), _to_tree(shardings, with_frozen))
     check_tree(run_dir, step, target)
     path = checkpoint_dir(run_dir) / str(step) / "state"
     try:
         tree = ocp.StandardCheckpointer().restore(path, target)
     except Exception as e:  # tensorstore reports truncated or missing chunks in its own error types
         raise CorruptCheckpointError(f"{path}: unreadable array data ({_root_cause(e)})") from None
+    if with_frozen:
+        frozen = _replace_pure(abstract_state.frozen, tree["frozen"])
+    else:
+        frozen = _frozen_from_source(path, _with_shardings(abstract_state.frozen, shardings.frozen), meta, load_frozen)
     return TrainState(
         step=tree["step"],
         trainable=_replace_pure(abstract_state.trainable, tree["trainable"]),
-        frozen=_replace_pure(abstract_state.frozen, tree["frozen"]),
+        frozen=frozen,
         opt_state=tree["opt_state"],
         rng=tree["rng"],
     )
+
+
+def _with_shardings(abstract: nnx.State, shardings: nnx.State) -> nnx.State:
+    flat = {
+        p: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value()))
+        for (p, v), (_, s) in zip(abstract.flat_state(), shardings.flat_state())
+    }
+    return nnx.from_flat_state(flat)
+
+
+def _frozen_from_source(
+    path: Path, abstract_frozen: nnx.State, meta: dict[str, Any], load_frozen: LoadFrozen | None
+) -> nnx.State:
+    """The frozen parameters of a checkpoint that left them out (checkpoint.save_frozen=false)."""
+    if not jax.tree.leaves(abstract_frozen):
+        return abstract_frozen
+    if load_frozen is None:
+        raise RunCheckpointError(f"{path}: checkpoint holds no frozen parameters and nothing can reload them")
+    log.info("reading the frozen parameters from %s (not saved in %s)", meta.get("source", {}).get("path"), path)
+    return load_frozen(abstract_frozen, meta)
 
 
 def move_aside(run_dir: Path, step: int) -> Path:
@@ -383,19 +426,26 @@ def move_aside(run_dir: Path, step: int) -> Path:
 
 
 def restore_params(
-    run_dir: Path, abstract_params: nnx.State, shardings: nnx.State, step: int | None = None, spec: Any = None
+    run_dir: Path,
+    abstract_params: nnx.State,
+    shardings: nnx.State,
+    step: int | None = None,
+    spec: Any = None,
+    load_frozen: LoadFrozen | None = None,
 ) -> tuple[nnx.State, dict[str, Any], int]:
-    """Only the parameters (trainable ∪ frozen) of a run, for predict/eval/export; no optimizer state read."""
+    """Only the parameters (trainable ∪ frozen) of a run, for predict/eval/export; no optimizer state read.
+    Frozen parameters left out of the checkpoint come from `load_frozen`."""
     step = select_step(run_dir, step)
     meta = read_meta(run_dir, step)
     if spec is not None:
         check_same_model(checkpoint_dir(run_dir) / str(step), meta.get("family", "bert"), meta["spec"], spec)
     trainable_paths = set(meta["trainable_paths"])
+    with_frozen = bool(meta.get(FROZEN_SAVED, True))
     parts: dict[str, dict] = {"trainable": {}, "frozen": {}}
     for (path, var), (_, sh) in zip(abstract_params.flat_state(), shardings.flat_state()):
         key = "trainable" if "/".join(map(str, path)) in trainable_paths else "frozen"
         parts[key][path] = var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value()))
-    target = {k: nnx.from_flat_state(v).to_pure_dict() for k, v in parts.items()}
+    target = {k: nnx.from_flat_state(v).to_pure_dict() for k, v in parts.items() if with_frozen or k == "trainable"}
     check_tree(run_dir, step, target)
     path = checkpoint_dir(run_dir) / str(step) / "state"
     # Shardings come from `target` (this process's mesh), never from the saved _sharding file, so a run
@@ -407,10 +457,12 @@ def restore_params(
         )
     except Exception as e:
         raise CorruptCheckpointError(f"{path}: unreadable array data ({_root_cause(e)})") from None
-    merged = nnx.merge_state(
-        _replace_pure(nnx.from_flat_state(parts["trainable"]), restored["trainable"]),
-        _replace_pure(nnx.from_flat_state(parts["frozen"]), restored["frozen"]),
-    )
+    abstract_frozen = nnx.from_flat_state(parts["frozen"])
+    if with_frozen:
+        frozen = _replace_pure(abstract_frozen, restored["frozen"])
+    else:
+        frozen = _frozen_from_source(path, abstract_frozen, meta, load_frozen)
+    merged = nnx.merge_state(_replace_pure(nnx.from_flat_state(parts["trainable"]), restored["trainable"]), frozen)
     return merged, meta, step
 
 

@@ -143,6 +143,9 @@ class CheckpointConfig:
     keep_best_metric: str = "eval_loss"  # ... plus the best by this eval metric ("" = none)
     keep_best_mode: str = "auto"  # min | max | auto (min for *loss*, max otherwise)
     async_save: bool = True
+    # False: checkpoints hold only the trained parameters (e.g. LoRA adapters) and their optimizer state; the
+    # frozen ones are read back from the pretrained files, recorded by path and sha256, whenever it is restored.
+    save_frozen: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,12 +43,19 @@ def load_run_model(run_dir: Path, step: int | None = None):
     except mesh.MeshError:  # trained on another device count: data-parallel over what this host has
         m = mesh.build_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
     spec = models.spec_from_dict(meta.get("family", "bert"), meta["spec"])
-    graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype, pretrained.lora_spec(cfg.lora))
+    adapters = pretrained.lora_spec(cfg.lora)
+    graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype, adapters)
     if cfg.model.frozen_dtype:  # restored in the dtypes they were trained and saved in
         frozen = {path_str(p) for p, _ in abstract.flat_state()} - set(meta.get("trainable_paths", ()))
         abstract = pretrained.cast_abstract(abstract, cfg.model.frozen_dtype, frozen)
     shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
-    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, spec)
+    pre = pretrained.Pretrained(
+        Path(meta["source"]["path"]), meta["hf_config"], spec, graphdef, abstract, shardings, {}, adapters
+    )
+    load_frozen = lambda frozen_abstract, step_meta: pretrained.load_frozen(
+        pre, cfg.model, cfg.load, frozen_abstract, step_meta["source"]
+    )
+    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, spec, load_frozen)
     return graphdef, params, meta, m, step
 
 

@@ -6,6 +6,7 @@ Shared by `jaxft.load` (the Python API) and `train` so both load weights the sam
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from jaxft.config import LoadConfig, LoraConfig, MeshConfig, ModelConfig
 from jaxft.mesh import build_mesh
 from jaxft.models import lora as lora_lib
 from jaxft.paths import path_str
+
+log = logging.getLogger("jaxft.pretrained")
 
 
 @dataclasses.dataclass
@@ -104,6 +107,48 @@ def load_weights(pre: Pretrained, model_cfg: ModelConfig, load_cfg: LoadConfig, 
         source,
     )
     return dataclasses.replace(pre, params=params, source=identity)
+
+
+def load_frozen(
+    pre: Pretrained, model_cfg: ModelConfig, load_cfg: LoadConfig, abstract_frozen: nnx.State, recorded: dict[str, Any]
+) -> nnx.State:
+    """The frozen parameters of a checkpoint saved without them (checkpoint.save_frozen=false), read again from
+    the pretrained files it recorded (`recorded`: path and sha256 per file), which must be unchanged."""
+    from jaxft.checkpoint import RunCheckpointError
+
+    folder = Path(recorded.get("path", ""))
+    if not (folder / "config.json").is_file():
+        raise RunCheckpointError(
+            f"{folder}: the pretrained model this checkpoint's frozen weights come from is gone "
+            "(checkpoint.save_frozen=false keeps only the trained parameters)"
+        )
+    subset = dataclasses.replace(pre, folder=folder, params=abstract_frozen)
+    # The trained parameters' tensors are in the files too; only the frozen ones are read.
+    loaded = load_weights(subset, model_cfg, dataclasses.replace(load_cfg, ignore_unused=(r".*",)))
+    want, have = recorded.get("files") or {}, loaded.source.get("files") or {}
+    if want and have and want != have:
+        changed = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+        raise RunCheckpointError(
+            f"{folder}: pretrained files changed since this checkpoint was saved ({', '.join(changed)} differ "
+            "from the recorded sha256), and its frozen weights were not saved with it"
+        )
+    if not (want and have):
+        log.warning("%s: cannot verify the pretrained files against the checkpoint (no sha256 recorded)", folder)
+    return loaded.params
+
+
+def check_frozen_reloadable(frozen_paths: set[str], load_cfg: LoadConfig, save_frozen: bool) -> None:
+    """checkpoint.save_frozen=false trusts the pretrained files for every frozen parameter: none may be one that
+    a load can initialise fresh instead (load.new_params), or a restore could not give it back."""
+    from jaxft.config import ConfigError
+    from jaxft.paths import matches_any
+
+    fresh = sorted(p for p in frozen_paths if matches_any(p, load_cfg.new_params))
+    if not save_frozen and fresh:
+        raise ConfigError(
+            f"checkpoint.save_frozen=false: frozen parameter {fresh[0]} is on load.new_params, so it may not come "
+            "from the pretrained files; train it or save frozen parameters"
+        )
 
 
 def load_pretrained(

@@ -173,8 +173,9 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     pre = pretrained.build_abstract(cfg.model, m, cfg.mesh.rules, len(data.label_names), cfg.lora)
     plan = build_freeze_plan(cfg, pre.params)
     log.info("freeze plan:\n%s", plan.report())
+    frozen_paths = set(plan.rule_of) - set(plan.trainable_paths)
+    pretrained.check_frozen_reloadable(frozen_paths, cfg.load, cfg.checkpoint.save_frozen)
     if cfg.model.frozen_dtype:  # frozen weights stored in another dtype; trained ones keep model.param_dtype
-        frozen_paths = set(plan.rule_of) - set(plan.trainable_paths)
         pre = pretrained.with_param_dtypes(pre, cfg.model.frozen_dtype, frozen_paths)
     groups = build_unfreeze_groups(cfg, plan, pre)
     schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
@@ -369,7 +370,10 @@ def _restore_state(
     shardings = TrainState(
         step=replicated(m), trainable=trainable_sh, frozen=frozen_sh, opt_state=opt_sh, rng=replicated(m)
     )
-    return checkpoint.restore_checkpoint(run_dir, abstract, shardings, step)
+    load_frozen = lambda frozen_abstract, meta: pretrained.load_frozen(
+        pre, cfg.model, cfg.load, frozen_abstract, meta["source"]
+    )
+    return checkpoint.restore_checkpoint(run_dir, abstract, shardings, step, load_frozen)
 
 
 def _process_data_state(data: dict[str, Any]) -> dict[str, Any]:
