@@ -146,9 +146,10 @@ class LMSources:
 
 
 def open_lm_sources(cfg: DataConfig, need_eval: bool = True) -> LMSources:
-    """Prepares (once per file content) and opens the train and eval files as tfds array_record data sources."""
+    """Prepares (once per file content) and opens the train and eval files as tfds array_record data sources;
+    or opens a registered, prepared tfds dataset (data.dataset) whose records are read through the same columns."""
     if cfg.dataset != "files":
-        raise DataError(f"data.dataset: {cfg.dataset!r}; causal-lm fine-tuning reads your own files (set 'files')")
+        return open_registered_lm_sources(cfg, need_eval)
     if not cfg.train_files:
         raise DataError("data.train_files: required for causal-lm fine-tuning")
     splits = {cfg.train_split: [Path(f) for f in cfg.train_files]}
@@ -162,6 +163,58 @@ def open_lm_sources(cfg: DataConfig, need_eval: bool = True) -> LMSources:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     sources = builder.as_data_source()
     return LMSources(sources[cfg.train_split], sources[cfg.eval_split] if cfg.eval_split in splits else None)
+
+
+class RegisteredRecords:
+    """A registered tfds dataset's split seen as uniform LM records (make_lm_record), converted on read."""
+
+    def __init__(self, source: Any, cfg: DataConfig, name: str):
+        self.source, self.cfg, self.name = source, cfg, name
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self.source):
+            raise IndexError(f"{self.name}: record {index} out of range")
+        return make_lm_record(f"{self.name}[{index}]", self._plain(self.source[index]), self.cfg)
+
+    def _plain(self, rec: dict[str, Any]) -> dict[str, Any]:
+        out = {k: _python(v) for k, v in rec.items()}
+        messages = out.get(self.cfg.messages_column)
+        if isinstance(messages, dict):  # a tfds Sequence of {role, content} comes back as lists per field
+            fields = list(messages)
+            out[self.cfg.messages_column] = [dict(zip(fields, row)) for row in zip(*messages.values())]
+        return out
+
+
+def _python(x: Any) -> Any:
+    """tfds values (bytes, numpy arrays, nested dicts) as plain Python strings, lists and dicts."""
+    if isinstance(x, bytes):
+        return x.decode("utf-8")
+    if isinstance(x, dict):
+        return {k: _python(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return [_python(v) for v in x.tolist()] if x.ndim else _python(x.item())
+    if isinstance(x, list):
+        return [_python(v) for v in x]
+    return x
+
+
+def open_registered_lm_sources(cfg: DataConfig, need_eval: bool) -> LMSources:
+    builder = pipeline.registered_builder(cfg)
+    splits = builder.info.splits
+    wanted = [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else [])
+    for split in wanted:
+        if split not in splits:
+            raise DataError(f"data.train_split: split {split!r} not in {cfg.dataset} (has {list(splits)})")
+        if splits[split].num_examples == 0:
+            raise DataError(f"{cfg.dataset}/{split}: dataset is empty")
+    sources = builder.as_data_source()
+    views = {split: RegisteredRecords(sources[split], cfg, f"{cfg.dataset}/{split}") for split in wanted}
+    for view in views.values():
+        view[0]  # wrong columns fail here, in one line, rather than mid-run
+    return LMSources(views[cfg.train_split], views.get(cfg.eval_split) if len(wanted) > 1 else None)
 
 
 # ---- tokenization ----------------------------------------------------------------------------------------

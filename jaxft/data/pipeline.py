@@ -53,17 +53,7 @@ def open_sources(cfg: DataConfig, need_eval: bool = True, task: str = "sequence-
             builder = builders.build_files_dataset(cfg, data_dir, splits, token_level)
         text_key, pair_key, label_key = "text", ("text_pair" if cfg.text_pair_column else ""), "label"
     else:
-        import tensorflow_datasets as tfds
-
-        try:
-            builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir or None, file_format="array_record")
-        except Exception as e:  # tfds raises its own not-found types
-            raise DataError(f"data.dataset: {cfg.dataset!r} is not a known tfds dataset ({e})") from None
-        if not builder.is_prepared():
-            raise DataError(
-                f"data.dataset: {cfg.dataset!r} is not prepared in array_record format under "
-                f"{builder.data_dir} (prepare it with `tfds build --file_format=array_record`)"
-            )
+        builder = registered_builder(cfg)
         text_key, pair_key, label_key = cfg.text_column, cfg.text_pair_column, cfg.label_column
     splits = builder.info.splits
     for split in [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else []):
@@ -79,6 +69,23 @@ def open_sources(cfg: DataConfig, need_eval: bool = True, task: str = "sequence-
     sources = builder.as_data_source()
     eval_source = sources[cfg.eval_split] if need_eval and cfg.eval_split in sources else None
     return Sources(sources[cfg.train_split], eval_source, label_names, text_key, pair_key, label_key, token_level)
+
+
+def registered_builder(cfg: DataConfig) -> Any:
+    """The prepared tfds builder of a registered dataset (e.g. glue/sst2) under data.data_dir, or a DataError."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir or None, file_format="array_record")
+    except Exception as e:  # tfds raises its own not-found types, with the whole catalogue appended
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"data.dataset: {cfg.dataset!r} is not a known tfds dataset ({first})") from None
+    if not builder.is_prepared():
+        raise DataError(
+            f"data.dataset: {cfg.dataset!r} is not prepared in array_record format under "
+            f"{builder.data_dir} (prepare it with `tfds build --file_format=array_record`)"
+        )
+    return builder
 
 
 class Encoder:
