@@ -1,6 +1,7 @@
 """Train-step throughput of jaxft on a real checkpoint, excluding compile.
 
   python bench/train_throughput.py --model minilm --batch 32 --seq 128 --steps 10 [--frozen-layers N] --json
+  python bench/train_throughput.py --model llama-tiny|gpt2-small [decoder_throughput.py's options]
 
 --frozen-layers N freezes the embeddings and encoder layers 0..N-1 (N=0: full fine-tune).
 Prints one JSON line: tokens_per_sec, step_ms (median), and the setup.
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -76,7 +79,15 @@ def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, comput
     }
 
 
+DECODERS = ("llama-tiny", "gpt2-small")  # measured by decoder_throughput.py (tokens/s, MFU, compile time)
+
+
 def main() -> None:
+    if any(m in sys.argv[1:] for m in DECODERS) or any(a.split("=", 1)[-1] in DECODERS for a in sys.argv[1:]):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import decoder_throughput
+
+        return decoder_throughput.main()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
     p.add_argument("--batch", type=int, default=32)
