@@ -17,6 +17,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.checkpoint import RunCheckpointError
     from jaxft.config import ConfigError
     from jaxft.data.builders import DataError
+    from jaxft.generate import GenerateError
     from jaxft.load import CheckpointError
     from jaxft.loop import NonFiniteError
     from jaxft.mesh import MeshError
@@ -34,6 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RuleError,
         RunCheckpointError,
         NonFiniteError,
+        GenerateError,
         *_optional_errors(),
     )
 
@@ -153,6 +155,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from jaxft.checkpoint import select_step
+    from jaxft.generate import Sampling, check_settings, generate_run
+
+    check_settings(args.max_new_tokens, Sampling(args.temperature, args.top_k, args.top_p))  # before any loading
+    step = select_step(Path(args.run_dir), args.step, args.best)
+    completions = generate_run(
+        Path(args.run_dir),
+        args.prompt,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.seed,
+        step,
+    )
+    for i, (prompt, completion) in enumerate(zip(args.prompt, completions)):
+        if len(completions) > 1:
+            print(f"--- [{i + 1}] {prompt}")
+        print(completion)
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from jaxft.config import load_config
     from jaxft.plan import describe_plan
@@ -194,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_args(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("generate", help="complete prompts with a causal-lm run's checkpoint (kv-cached decoding)")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens of mass P")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
+    _add_step_args(p)
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("plan", help="print parameters, shardings, freeze status and memory; builds nothing")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")

@@ -108,6 +108,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     nonfinite: str = "halt"  # a non-finite loss/gradient: "halt" the run, or "skip" the update and go on
     max_nonfinite_steps: int = 10  # skip mode: halt after this many non-finite steps in a row
+    sample_max_new_tokens: int = 32  # causal-lm: new tokens per data.sample_prompts completion at each eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,9 @@ class DataConfig:
     packing: bool = True  # several examples per row, attention never crossing them
     truncation: str = "error"  # an example longer than max_length: "error", "left" (keep its end), "drop"
     chat_template: str = ""  # Jinja chat template; "" = the tokenizer's own, or a simple built-in one if it has none
+    # Causal-lm: at every eval, greedy completions of these prompts (rendered as training rendered prompts) are
+    # appended to RUN_DIR/samples.jsonl. On the command line a JSON list, or comma-separated.
+    sample_prompts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +188,7 @@ _POSITIVE = (
     "train.log_every_steps",
     "train.eval_batch_size",
     "train.max_nonfinite_steps",
+    "train.sample_max_new_tokens",
     "data.max_length",
     "checkpoint.keep",
 )

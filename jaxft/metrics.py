@@ -40,9 +40,9 @@ class MetricsWriter:
             self._tb.close()
 
 
-def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drops records after `last_step` (a resume replays those steps), atomically; process 0 only."""
-    path = Path(run_dir) / "metrics.jsonl"
+def truncate_metrics(run_dir: Path, last_step: int, name: str = "metrics.jsonl") -> None:
+    """Drops records of RUN_DIR/`name` after `last_step` (a resume replays those steps), atomically; process 0."""
+    path = Path(run_dir) / name
     if jax.process_index() != 0 or not path.is_file():
         return
     kept = []
@@ -52,6 +52,6 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp = path.with_name(f".{name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)

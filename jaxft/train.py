@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxft import checkpoint, compile, freeze, loop, mesh, optim, pretrained, sharding
 from jaxft import evaluate as evaluate_lib
+from jaxft import generate as generate_lib
 from jaxft import metrics as metrics_lib
 from jaxft.config import Config, ConfigError, to_dict
 from jaxft.data import pipeline
@@ -39,9 +40,9 @@ class RunResult:
 # Config keys that only change what is logged or kept, where, or how the math is laid out on devices.
 # Anything else alters the result, and a resume with it changed is refused unless asked for.
 RESUMABLE_CHANGES = (
-    r"train\.(log_every_steps|eval_every_steps|eval_batch_size)",
+    r"train\.(log_every_steps|eval_every_steps|eval_batch_size|sample_max_new_tokens)",
     r"checkpoint\..*",
-    r"data\.(eval_split|eval_files)",
+    r"data\.(eval_split|eval_files|sample_prompts)",
     r"mesh\.(data|fsdp|tensor|rules)",
     r"model\.remat",
 )
@@ -197,8 +198,11 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
         data_iter.set_state(_process_data_state(resume.data))
     prepare_run_dir(run_dir)
     meta.update(run_metadata(cfg, plan, pre, data.label_names, train_step.active))
+    if data.lm:
+        meta["prompt_kind"] = data.prompt_kind  # how `jaxft generate` renders prompts
     _write_json(run_dir / "run.json", meta)
     metrics_lib.truncate_metrics(run_dir, start_step)  # steps after the checkpoint are replayed
+    metrics_lib.truncate_metrics(run_dir, start_step, "samples.jsonl")  # and their evals
     saver = checkpoint.Saver(run_dir, cfg.checkpoint)
     writer = metrics_lib.MetricsWriter(run_dir)
     nonfinite = loop.NonFinitePolicy(
@@ -218,7 +222,16 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     hooks = loop.LoopHooks(
         next_batch=lambda: mesh.make_global_batch(next(data_iter), m),
         train_step=train_step,
-        evaluate=lambda s: evaluate(s.trainable, s.frozen),
+        evaluate=generate_lib.with_samples(
+            lambda s: evaluate(s.trainable, s.frozen),
+            cfg,
+            pre,
+            train_step.graphdef,
+            data.encoder,
+            data.prompt_kind,
+            run_dir,
+            m,
+        ),
         save=save,
         write_metrics=writer.write,
         before_step=train_step.enter_phase,
@@ -287,6 +300,14 @@ class TrainData:
         self.eval_batches = evaluate_lib.classification_batches(
             self.sources.eval, self.encoder, cfg.train.eval_batch_size
         )
+
+    @property
+    def prompt_kind(self) -> str:
+        """Causal LM: "text" when the run trains on plain text (a prompt continues as raw text), else "chat"
+        (a prompt is a user turn plus the generation prompt), as its first train record says."""
+        from jaxft.data.pipeline import _text
+
+        return _text(self.sources.train[0]["kind"]) if self.lm else ""
 
     def report(self) -> None:
         dropped = getattr(self.encoder, "dropped", 0)

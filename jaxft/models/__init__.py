@@ -7,6 +7,7 @@ Everyone outside models/ goes through `family_of` / `family_for_spec`; nothing e
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -168,8 +169,12 @@ def spec_from_dict(family_name: str, d: dict[str, Any]) -> Any:
         raise ArchitectureError(f"unknown model family {family_name!r}")
     fields = {f.name for f in dataclasses.fields(family.spec_class)}
     values = {k: v for k, v in d.items() if k in fields}
-    if family.spec_class is LlamaSpec and isinstance(values.get("rope"), dict):
-        values["rope"] = RopeSpec(**values["rope"])
+    if family.spec_class is LlamaSpec:
+        for key in ("rope", "local_rope"):
+            if isinstance(values.get(key), dict):
+                values[key] = RopeSpec(**values[key])
+        if isinstance(values.get("layer_types"), list):
+            values["layer_types"] = tuple(values["layer_types"])
     return family.spec_class(**values)
 
 
@@ -178,9 +183,13 @@ def architecture_differences(family_name: str, saved: dict[str, Any], spec: Any)
     family = family_for_spec(spec)
     if family_name != family.name:
         return [f"family {family_name!r} vs {family.name!r}"]
-    now = dataclasses.asdict(spec)
+    now = json.loads(json.dumps(dataclasses.asdict(spec)))  # as saved: tuples are lists
+    # A field that a checkpoint of an older jaxft lacks had its default then.
+    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
+    defaults = json.loads(json.dumps(defaults, default=lambda x: dataclasses.asdict(x)))
     keys = [k for k in now if k not in family.non_architecture]
-    return [f"{k} {saved.get(k)!r} vs {now[k]!r}" for k in keys if saved.get(k) != now[k]]
+    before = {k: saved.get(k, defaults.get(k)) for k in keys}
+    return [f"{k} {before[k]!r} vs {now[k]!r}" for k in keys if before[k] != now[k]]
 
 
 def _make_model(spec: Any, seed: int, param_dtype: Any, lora_spec: lora.LoraSpec | None = None) -> nnx.Module:

@@ -15,7 +15,17 @@ from flax import nnx
 from jaxft import axes
 from jaxft.models import llama, lora
 from jaxft.models.bert import LayerNorm
-from jaxft.models.llama import Linear, LlamaModel, build_stacked, make_attention_mask, make_positions
+from jaxft.models.llama import (
+    Linear,
+    LlamaModel,
+    build_stacked,
+    cache_positions,
+    decode_layers_cached,
+    make_attention_mask,
+    make_cache_mask,
+    make_positions,
+    write_cache,
+)
 
 # HF's gelu_new is the tanh approximation of GELU, the same function as gelu_pytorch_tanh.
 ACTIVATIONS = {**llama.ACTIVATIONS, "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
@@ -71,6 +81,17 @@ class Attention(nnx.Module):
         )
         return self.c_proj(ctx_BxLxNxH, compute_dtype, rng_proj)
 
+    def decode_cached(self, x_BxSxE, kv, index, mask_Bx1xSxT, compute_dtype, attention_impl):
+        """Generation: S new tokens' k/v written into this layer's cache (k, v [B, T, N, H]) at slots index..,
+        then attention over every slot the explicit mask allows. Returns (output, (k, v))."""
+        qkv_BxSx3xNxH = self.c_attn(x_BxSxE, compute_dtype)
+        q_BxSxNxH, k_BxSxNxH, v_BxSxNxH = (qkv_BxSx3xNxH[:, :, i] for i in range(3))
+        k_BxTxNxH, v_BxTxNxH = write_cache(kv, k_BxSxNxH, v_BxSxNxH, index)
+        ctx_BxSxNxH = jax.nn.dot_product_attention(
+            q_BxSxNxH, k_BxTxNxH, v_BxTxNxH, mask=mask_Bx1xSxT, scale=self.scale, implementation=attention_impl
+        )
+        return self.c_proj(ctx_BxSxNxH, compute_dtype), (k_BxTxNxH, v_BxTxNxH)
+
 
 class MLP(nnx.Module):
     """c_proj(act(c_fc(x)))."""
@@ -103,6 +124,15 @@ class Block(nnx.Module):
         rng_attn, rng_mlp = lora.split(rng, 2)
         x_BxLxE = x_BxLxE + self.attn(self.ln_1(x_BxLxE), mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
         return x_BxLxE + self.mlp(self.ln_2(x_BxLxE), compute_dtype, rng_mlp)
+
+    def decode_cached(self, x_BxSxE, rope, kv, index, mask_Bx1xSxT, compute_dtype, attention_impl):
+        """The same block over S new tokens with this layer's kv cache; returns (x, updated (k, v))."""
+        del rope
+        attn_BxSxE, kv = self.attn.decode_cached(
+            self.ln_1(x_BxSxE), kv, index, mask_Bx1xSxT, compute_dtype, attention_impl
+        )
+        x_BxSxE = x_BxSxE + attn_BxSxE
+        return x_BxSxE + self.mlp(self.ln_2(x_BxSxE), compute_dtype), kv
 
 
 class GPT2Model(nnx.Module):
@@ -164,3 +194,25 @@ class GPT2Model(nnx.Module):
         dims = (((1,), (1,)), ((), ()))
         logits = jax.lax.dot_general(h2, self.wte[...].astype(cd), dims, preferred_element_type=jnp.float32)
         return logits.reshape(hidden_BxLxE.shape[:-1] + (-1,))
+
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+        """An empty kv cache for generation: k and v [layers, B, T, N, H] in the compute dtype."""
+        s = self.spec
+        shape = (s.num_layers, batch, length, s.num_heads, s.head_dim)
+        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
+
+    def decode_with_cache(self, input_ids_BxS, cache, index, start_B, *, last_only: bool = False):
+        """Generation over a kv cache, as LlamaModel.decode_with_cache: the S tokens go to slots index..,
+        rows are left-padded from start_B. Positions past max_positions would read beyond wpe: the caller
+        (jaxft.generate) refuses them."""
+        input_ids_BxS = jnp.asarray(input_ids_BxS)
+        slots_S = index + jnp.arange(input_ids_BxS.shape[1])
+        mask_Bx1xSxT = make_cache_mask(slots_S, cache["k"].shape[2], start_B, None)
+        positions_BxS = cache_positions(slots_S, start_B)
+        x_BxSxE = jnp.take(self.wte[...], input_ids_BxS, axis=0) + jnp.take(self.wpe[...], positions_BxS, axis=0)
+        x_BxSxE, cache = decode_layers_cached(
+            self, x_BxSxE.astype(self.compute_dtype), None, mask_Bx1xSxT, cache, index
+        )
+        if last_only:
+            x_BxSxE = x_BxSxE[:, -1:]
+        return self.project(self.ln_f(x_BxSxE)), cache

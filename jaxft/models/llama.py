@@ -1,4 +1,5 @@
-"""Llama-family decoder math in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5, Qwen3): GQA, RoPE, RMSNorm, SwiGLU.
+"""Llama-family decoder math in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma, Gemma 3): GQA, RoPE,
+RMSNorm, gated MLP; Gemma's (1 + w) norms, sandwich norms, scaled embeddings and interleaved sliding/global layers.
 
 Owns the forward pass and the logical axis names of every weight; knows nothing of HF keys, files or meshes.
 """
@@ -60,6 +61,19 @@ class LlamaSpec:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
     tie_word_embeddings: bool = False
+    # Gemma: norms scale by (1 + w); embeddings are multiplied by sqrt(hidden_size); attention scores are scaled
+    # by query_scale (query_pre_attn_scalar ** -0.5) instead of head_dim ** -0.5; logits may be soft-capped.
+    norm_offset: bool = False
+    embed_scale: bool = False
+    query_scale: float | None = None
+    final_logit_softcap: float | None = None
+    # Gemma 2/3: the attention and MLP outputs are normed too (post_attention_layernorm, post_feedforward_layernorm)
+    # and the MLP input has its own norm (pre_feedforward_layernorm).
+    sandwich_norms: bool = False
+    # Interleaved layers (Gemma 3): per layer "sliding_attention" (window `sliding_window`, RoPE `local_rope`) or
+    # "full_attention" (RoPE `rope`). Empty: every layer alike.
+    layer_types: tuple[str, ...] = ()
+    local_rope: RopeSpec | None = None
     # Stack the layers on a leading `layers` axis and run them with one lax.scan: compile time stays flat in depth.
     scan_layers: bool = True
 
@@ -147,6 +161,23 @@ def make_attention_mask(attention_mask_BxL: Any, segment_ids_BxL: Any) -> jax.Ar
     return None if mask is None else mask[:, None]
 
 
+def make_cache_mask(slots_S: jax.Array, length: int, start_B: jax.Array, window: int | None) -> jax.Array:
+    """[B, 1, S, T] bool for S queries at cache slots `slots_S` over a cache of T slots whose rows are left-padded
+    (row b's tokens fill slots start_B[b]..): keys that are filled, not after the query, and within the sliding
+    window. dot_product_attention's is_causal aligns top-left, wrong once the queries sit at the cache's end.
+    A padding query keeps its own slot, so no row of the softmax is empty."""
+    keys_T = jnp.arange(length)
+    ok_BxSxT = (keys_T[None, None, :] >= start_B[:, None, None]) & (keys_T[None, :] <= slots_S[:, None])[None]
+    if window is not None:
+        ok_BxSxT = ok_BxSxT & (slots_S[:, None] - keys_T[None, :] < window)[None]
+    return (ok_BxSxT | (keys_T[None, :] == slots_S[:, None])[None])[:, None]
+
+
+def cache_positions(slots_S: jax.Array, start_B: jax.Array) -> jax.Array:
+    """[B, S] positions of tokens at cache slots `slots_S` in left-padded rows (0 at a row's first token)."""
+    return jnp.maximum(slots_S[None, :] - start_B[:, None], 0)
+
+
 # ------------------------------------------------------------------------------------------------- layers
 
 
@@ -181,15 +212,23 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, size: int, eps: float, *, dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((size,), dtype), logical_axes=(axes.NORM,))
+    """x / rms(x) · w, or · (1 + w) with `offset` (Gemma, whose w starts at 0)."""
+
+    def __init__(self, size: int, eps: float, *, dtype=jnp.float32, offset: bool = False):
+        self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((size,), dtype), logical_axes=(axes.NORM,))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in fp32 whatever the compute dtype: a bf16 mean of squares is too coarse.
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
+
+
+def make_norm(spec: LlamaSpec, size: int, dtype: Any) -> RMSNorm:
+    return RMSNorm(size, spec.rms_norm_eps, dtype=dtype, offset=spec.norm_offset)
 
 
 class Attention(nnx.Module):
@@ -201,19 +240,26 @@ class Attention(nnx.Module):
         self.v_proj = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
         self.o_proj = Linear((N, H), (E,), q_axes, (axes.EMBED,), bias=spec.o_bias, rngs=rngs, dtype=dtype)
         if spec.qk_norm:
-            self.q_norm = RMSNorm(H, spec.rms_norm_eps, dtype=dtype)
-            self.k_norm = RMSNorm(H, spec.rms_norm_eps, dtype=dtype)
+            self.q_norm = make_norm(spec, H, dtype)
+            self.k_norm = make_norm(spec, H, dtype)
         self.spec = spec
+        self.scale = spec.query_scale or spec.head_dim**-0.5
 
-    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
-        rng_q, rng_k, rng_v, rng_o = lora.split(rng, 4)
+    def _qkv(self, x_BxLxE, rope, compute_dtype, rngs=(None, None, None)):
+        """q [B, L, N, H] and k, v [B, L, K, H], normed (Qwen3) and rotated."""
+        rng_q, rng_k, rng_v = rngs
         q_BxLxNxH = self.q_proj(x_BxLxE, compute_dtype, rng_q)
         k_BxLxKxH = self.k_proj(x_BxLxE, compute_dtype, rng_k)
         v_BxLxKxH = self.v_proj(x_BxLxE, compute_dtype, rng_v)
         if self.spec.qk_norm:
             q_BxLxNxH, k_BxLxKxH = self.q_norm(q_BxLxNxH), self.k_norm(k_BxLxKxH)
-        q_BxLxNxH, k_BxLxKxH = apply_rope(q_BxLxNxH, *rope), apply_rope(k_BxLxKxH, *rope)
-        window = self.spec.sliding_window
+        return apply_rope(q_BxLxNxH, *rope), apply_rope(k_BxLxKxH, *rope), v_BxLxKxH
+
+    def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
+        rng_q, rng_k, rng_v, rng_o = lora.split(rng, 4)
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._qkv(x_BxLxE, rope, compute_dtype, (rng_q, rng_k, rng_v))
+        # Interleaved layers get their window in the mask (per layer, traced under scan); uniform ones statically.
+        window = None if self.spec.layer_types else self.spec.sliding_window
         # dot_product_attention groups the N query heads over the K kv heads itself (no repeated k/v in memory);
         # its window (left, right) keeps keys with q - k <= left, HF's sliding window keeps q - k < window.
         ctx_BxLxNxH = jax.nn.dot_product_attention(
@@ -222,11 +268,34 @@ class Attention(nnx.Module):
             v_BxLxKxH,
             mask=mask_Bx1xLxL,
             is_causal=True,
-            scale=self.spec.head_dim**-0.5,
+            scale=self.scale,
             local_window_size=None if window is None else (window - 1, 0),
             implementation=attention_impl,
         )
         return self.o_proj(ctx_BxLxNxH, compute_dtype, rng_o)
+
+    def decode_cached(self, x_BxSxE, rope, kv, index, mask_Bx1xSxT, compute_dtype, attention_impl):
+        """Generation: S new tokens' k/v written into this layer's cache (k, v [B, T, K, H]) at slots
+        index.., then attention over every slot the explicit mask allows. Returns (output, (k, v))."""
+        q_BxSxNxH, k_BxSxKxH, v_BxSxKxH = self._qkv(x_BxSxE, rope, compute_dtype)
+        k_BxTxKxH, v_BxTxKxH = write_cache(kv, k_BxSxKxH, v_BxSxKxH, index)
+        ctx_BxSxNxH = jax.nn.dot_product_attention(
+            q_BxSxNxH,
+            k_BxTxKxH,
+            v_BxTxKxH,
+            mask=mask_Bx1xSxT,
+            scale=self.scale,
+            implementation=attention_impl,
+        )
+        return self.o_proj(ctx_BxSxNxH, compute_dtype), (k_BxTxKxH, v_BxTxKxH)
+
+
+def write_cache(kv, k_BxSxKxH, v_BxSxKxH, index):
+    """The layer's cache (k, v [B, T, K, H]) with S new keys and values written at slots index.. index+S-1."""
+    k_BxTxKxH, v_BxTxKxH = kv
+    k_BxTxKxH = jax.lax.dynamic_update_slice_in_dim(k_BxTxKxH, k_BxSxKxH.astype(k_BxTxKxH.dtype), index, axis=1)
+    v_BxTxKxH = jax.lax.dynamic_update_slice_in_dim(v_BxTxKxH, v_BxSxKxH.astype(v_BxTxKxH.dtype), index, axis=1)
+    return k_BxTxKxH, v_BxTxKxH
 
 
 class MLP(nnx.Module):
@@ -247,19 +316,42 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)). With sandwich norms (Gemma 2/3) each
+    branch's output is normed too, and post_attention_layernorm is that attention-output norm, as in HF."""
 
     def __init__(self, spec: LlamaSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
+        E = spec.hidden_size
+        self.input_layernorm = make_norm(spec, E, dtype)
         self.self_attn = Attention(spec, rngs=rngs, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = make_norm(spec, E, dtype)
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = make_norm(spec, E, dtype)
+            self.post_feedforward_layernorm = make_norm(spec, E, dtype)
         self.mlp = MLP(spec, rngs=rngs, dtype=dtype)
+        self.sandwich = spec.sandwich_norms
 
     def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
         rng_attn, rng_mlp = lora.split(rng, 2)
         normed_BxLxE = self.input_layernorm(x_BxLxE)
-        x_BxLxE = x_BxLxE + self.self_attn(normed_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
-        return x_BxLxE + self.mlp(self.post_attention_layernorm(x_BxLxE), compute_dtype, rng_mlp)
+        attn_BxLxE = self.self_attn(normed_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
+        return self._mlp_block(self._attention_residual(x_BxLxE, attn_BxLxE), compute_dtype, rng_mlp)
+
+    def _attention_residual(self, x_BxLxE, attn_BxLxE):
+        return x_BxLxE + (self.post_attention_layernorm(attn_BxLxE) if self.sandwich else attn_BxLxE)
+
+    def _mlp_block(self, x_BxLxE, compute_dtype, rng=None):
+        if not self.sandwich:
+            return x_BxLxE + self.mlp(self.post_attention_layernorm(x_BxLxE), compute_dtype, rng)
+        y_BxLxE = self.mlp(self.pre_feedforward_layernorm(x_BxLxE), compute_dtype, rng)
+        return x_BxLxE + self.post_feedforward_layernorm(y_BxLxE)
+
+    def decode_cached(self, x_BxSxE, rope, kv, index, mask_Bx1xSxT, compute_dtype, attention_impl):
+        """The same block over S new tokens with this layer's kv cache; returns (x, updated (k, v))."""
+        normed_BxSxE = self.input_layernorm(x_BxSxE)
+        attn_BxSxE, kv = self.self_attn.decode_cached(
+            normed_BxSxE, rope, kv, index, mask_Bx1xSxT, compute_dtype, attention_impl
+        )
+        return self._mlp_block(self._attention_residual(x_BxSxE, attn_BxSxE), compute_dtype), kv
 
 
 def build_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -311,7 +403,7 @@ class LlamaModel(nnx.Module):
             self.layers = build_stacked_layers(spec, rngs, param_dtype)
         else:
             self.layers = nnx.List([DecoderLayer(spec, rngs=rngs, dtype=param_dtype) for _ in range(spec.num_layers)])
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype=param_dtype)
+        self.norm = make_norm(spec, spec.hidden_size, param_dtype)
         if not spec.tie_word_embeddings:
             E, V = spec.hidden_size, spec.vocab_size
             self.lm_head = Linear((E,), (V,), (axes.EMBED,), (axes.VOCAB,), bias=False, rngs=rngs, dtype=param_dtype)
@@ -354,9 +446,25 @@ class LlamaModel(nnx.Module):
         positions_BxL = make_positions(input_ids_BxL, segment_ids) if positions is None else jnp.asarray(positions)
         rope = rope_cos_sin(self.spec, positions_BxL)
         mask_Bx1xLxL = make_attention_mask(attention_mask, segment_ids)
-        x_BxLxE = jnp.take(self.embed_tokens[...], input_ids_BxL, axis=0).astype(self.compute_dtype)
-        x_BxLxE = self._decode(x_BxLxE, rope, mask_Bx1xLxL, dropout_rng)
+        local = None
+        if self.spec.layer_types:  # sliding layers: their own RoPE, and the window on top of the mask
+            L = input_ids_BxL.shape[1]
+            q, k = np.arange(L)[:, None], np.arange(L)[None, :]
+            band_1x1xLxL = jnp.asarray(q - k < self.spec.sliding_window)[None, None]
+            local_mask = band_1x1xLxL if mask_Bx1xLxL is None else mask_Bx1xLxL & band_1x1xLxL
+            local = (rope_cos_sin(local_rope_spec(self.spec), positions_BxL), local_mask)
+        x_BxLxE = self.embed(input_ids_BxL)
+        x_BxLxE = self._decode(x_BxLxE, rope, mask_Bx1xLxL, dropout_rng, local)
         return self.norm(x_BxLxE)
+
+    def embed(self, input_ids_BxL: jax.Array) -> jax.Array:
+        """Token embeddings in the compute dtype (Gemma: times sqrt(hidden_size), rounded to the weights' dtype
+        as HF does)."""
+        table = self.embed_tokens[...]
+        x_BxLxE = jnp.take(table, input_ids_BxL, axis=0)
+        if self.spec.embed_scale:
+            x_BxLxE = x_BxLxE * jnp.asarray(self.spec.hidden_size**0.5, table.dtype)
+        return x_BxLxE.astype(self.compute_dtype)
 
     def project(self, hidden_BxLxE: jax.Array) -> jax.Array:
         """Hidden states -> fp32 logits through lm_head, or the input embedding when tied."""
@@ -368,27 +476,118 @@ class LlamaModel(nnx.Module):
             weight, contract = self.lm_head.kernel[...], 0  # [E, V]
         dims = (((1,), (contract,)), ((), ()))
         logits = jax.lax.dot_general(h2, weight.astype(cd), dims, preferred_element_type=jnp.float32)
+        cap = self.spec.final_logit_softcap
+        if cap:
+            logits = jnp.tanh(logits / cap) * cap
         return logits.reshape(hidden_BxLxE.shape[:-1] + (-1,))
 
-    def _decode(self, x_BxLxE, rope, mask_Bx1xLxL, rng=None):
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
+        """An empty kv cache for generation: k and v [layers, B, T, K, H] in the compute dtype."""
+        s = self.spec
+        shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
+        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
+
+    def decode_with_cache(self, input_ids_BxS, cache, index, start_B, *, last_only: bool = False):
+        """Generation over a kv cache: (fp32 logits [B, S, V] (S = 1 with last_only), updated cache).
+
+        The S tokens go to cache slots index..index+S-1 (the same for every row: prefill writes 0..P-1, each
+        step one slot). Rows are left-padded: row b's first real token sits at slot start_B[b], which is its
+        position 0. Used for both the prefill (S = prompt length) and each new token (S = 1).
+        """
+        input_ids_BxS = jnp.asarray(input_ids_BxS)
+        slots_S = index + jnp.arange(input_ids_BxS.shape[1])
+        T, spec = cache["k"].shape[2], self.spec
+        positions_BxS = cache_positions(slots_S, start_B)
+        rope = rope_cos_sin(spec, positions_BxS)
+        local = None
+        if spec.layer_types:  # sliding layers: their own RoPE and windowed mask
+            local_mask = make_cache_mask(slots_S, T, start_B, spec.sliding_window)
+            local = (rope_cos_sin(local_rope_spec(spec), positions_BxS), local_mask)
+        mask_Bx1xSxT = make_cache_mask(slots_S, T, start_B, None if spec.layer_types else spec.sliding_window)
+        x_BxSxE = self.embed(input_ids_BxS)
+        x_BxSxE, cache = decode_layers_cached(self, x_BxSxE, rope, mask_Bx1xSxT, cache, index, local)
+        if last_only:
+            x_BxSxE = x_BxSxE[:, -1:]
+        return self.project(self.norm(x_BxSxE)), cache
+
+    def _decode(self, x_BxLxE, rope, mask_Bx1xLxL, rng=None, local=None):
+        """The layers; `local` = (RoPE, mask) of sliding layers when layers are interleaved (spec.layer_types)."""
         cd, impl, scanned = self.compute_dtype, self.attention_impl, self.spec.scan_layers
         layer_rngs = None if rng is None else jax.random.split(rng, self.spec.num_layers)
+        sliding_Ly = sliding_layers(self.spec)
         if scanned:
             graphdef, stacked = nnx.split(self.layers)
             run = _layer_fn(graphdef, cd, impl, self.remat, scanned=True)
 
             def body(x, xs):
-                params, layer_rng = xs
-                return run(params, x, rope, mask_Bx1xLxL, layer_rng), None
+                params, layer_rng, sliding = xs
+                layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xLxL, local)
+                return run(params, x, layer_rope, layer_mask, layer_rng), None
 
-            x_BxLxE, _ = jax.lax.scan(body, x_BxLxE, (stacked, layer_rngs))
+            x_BxLxE, _ = jax.lax.scan(body, x_BxLxE, (stacked, layer_rngs, sliding_Ly))
             return x_BxLxE
         for i, layer in enumerate(self.layers):
             graphdef, params = nnx.split(layer)
             layer_rng = None if layer_rngs is None else layer_rngs[i]
             run = _layer_fn(graphdef, cd, impl, self.remat, scanned=False)
-            x_BxLxE = run(params, x_BxLxE, rope, mask_Bx1xLxL, layer_rng)
+            sliding = None if sliding_Ly is None else bool(sliding_Ly[i])
+            layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xLxL, local)
+            x_BxLxE = run(params, x_BxLxE, layer_rope, layer_mask, layer_rng)
         return x_BxLxE
+
+
+def sliding_layers(spec: Any) -> np.ndarray | None:
+    """[num_layers] bool, True where a layer attends within the sliding window, for interleaved models (Gemma 3);
+    None when every layer is alike."""
+    layer_types = getattr(spec, "layer_types", ())
+    return np.asarray([t == "sliding_attention" for t in layer_types]) if layer_types else None
+
+
+def local_rope_spec(spec: LlamaSpec) -> LlamaSpec:
+    """The spec whose RoPE the sliding layers use."""
+    return dataclasses.replace(spec, rope=spec.local_rope or spec.rope)
+
+
+def layer_attention_inputs(sliding, rope, mask, local):
+    """(RoPE, mask) for one layer: the global ones, or `local`'s for a sliding layer. `sliding` is None (layers
+    alike), a Python bool (unscanned) or a traced bool (the scanned layer's flag)."""
+    if sliding is None or local is None:
+        return rope, mask
+    local_rope, local_mask = local
+    if isinstance(sliding, bool):
+        return (local_rope, local_mask) if sliding else (rope, mask)
+    full_mask = jnp.ones_like(local_mask) if mask is None else mask
+    pick = lambda full, loc: jnp.where(sliding, loc, full)
+    return jax.tree.map(pick, rope, local_rope), pick(full_mask, local_mask)
+
+
+def decode_layers_cached(model: nnx.Module, x_BxSxE, rope, mask_Bx1xSxT, cache: dict, index, local=None):
+    """The layers over S new tokens with a kv cache {"k", "v": [layers, B, T, K, H]}: scanned models scan over
+    the cache's layer slices as they scan over the stacked weights; unscanned ones loop. No remat, no dropout.
+    `local` = (RoPE, mask) of sliding layers in interleaved models."""
+    cd, impl = model.compute_dtype, model.attention_impl
+    sliding_Ly = sliding_layers(model.spec)
+    if model.spec.scan_layers:
+        graphdef, stacked = nnx.split(model.layers)
+
+        def body(x, xs):
+            params, k, v, sliding = xs
+            layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xSxT, local)
+            layer = nnx.merge(graphdef, params)
+            return layer.decode_cached(x, layer_rope, (k, v), index, layer_mask, cd, impl)
+
+        x_BxSxE, (k, v) = jax.lax.scan(body, x_BxSxE, (stacked, cache["k"], cache["v"], sliding_Ly))
+        return x_BxSxE, {"k": k, "v": v}
+    ks, vs = [], []
+    for i, layer in enumerate(model.layers):
+        sliding = None if sliding_Ly is None else bool(sliding_Ly[i])
+        layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xSxT, local)
+        x_BxSxE, (k, v) = layer.decode_cached(
+            x_BxSxE, layer_rope, (cache["k"][i], cache["v"][i]), index, layer_mask, cd, impl
+        )
+        ks.append(k)
+        vs.append(v)
+    return x_BxSxE, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
 def layer_index(path: str) -> int | None:

@@ -1,5 +1,5 @@
-"""The Llama-family HF key table (Llama, Mistral, Qwen2, Qwen3): every rename, transpose and layer stacking
-between HF tensors and jaxft parameters, and the LlamaSpec read from an HF config.
+"""The Llama-family HF key table (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 3): every rename, transpose and
+layer stacking between HF tensors and jaxft parameters, and the LlamaSpec read from an HF config.
 
 Reading or writing files is load.py's and export's job; this module only names and reshapes.
 """
@@ -19,7 +19,8 @@ from jaxft.models.llama import ACTIVATIONS, ROPE_TYPES, LlamaSpec, RopeSpec
 
 __all__ = ["ArchitectureError", "HFEntry", "hf_entry", "hf_shape", "spec_from_hf_config", "to_hf", "to_jaxft"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 
 # Kinds are bert_hf's: copy (same shape), flat (HF [N*H] -> [N, H]), linear1 / linear2 (torch Linear [out, in]
 # -> kernel [in..., out...] with one / two input dims).
@@ -38,6 +39,7 @@ LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
     (r"self_attn/(q|k)_norm/scale", "self_attn.{0}_norm.weight", "copy"),
     (r"input_layernorm/scale", "input_layernorm.weight", "copy"),
     (r"post_attention_layernorm/scale", "post_attention_layernorm.weight", "copy"),
+    (r"(pre|post)_feedforward_layernorm/scale", "{0}_feedforward_layernorm.weight", "copy"),  # Gemma 2/3
     (r"mlp/(gate|up|down)_proj/kernel", "mlp.{0}_proj.weight", "linear1"),
     (r"mlp/(gate|up|down)_proj/bias", "mlp.{0}_proj.bias", "copy"),
 )
@@ -136,7 +138,9 @@ def spec_from_hf_config(hf: dict[str, Any], *, scan_layers: bool = True) -> Llam
         raise ArchitectureError(
             f"model_type {model_type!r} is not a Llama-family decoder (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    hidden_act = hf.get("hidden_act", "silu")
+    gemma = model_type in GEMMA_TYPES
+    # Gemma's MLP reads hidden_activation (its hidden_act is a leftover that HF ignores).
+    hidden_act = (hf.get("hidden_activation") or "gelu_pytorch_tanh") if gemma else hf.get("hidden_act", "silu")
     if hidden_act not in ACTIVATIONS:
         raise ArchitectureError(f"hidden_act {hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
     if hf.get("attention_dropout", 0.0):
@@ -146,6 +150,9 @@ def spec_from_hf_config(hf: dict[str, Any], *, scan_layers: bool = True) -> Llam
     if heads % kv_heads:
         raise ArchitectureError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     attention_bias = bool(hf.get("attention_bias", False))
+    if gemma:
+        _check_gemma(hf)
+    layer_types = _interleaved_layer_types(hf) if model_type in ("gemma2", "gemma3_text") else ()
     return LlamaSpec(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
@@ -158,23 +165,68 @@ def spec_from_hf_config(hf: dict[str, Any], *, scan_layers: bool = True) -> Llam
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         hidden_act=hidden_act,
         max_positions=hf.get("max_position_embeddings", 2048),
-        rope=rope_from_hf_config(hf),
-        sliding_window=sliding_window_from_hf_config(hf),
-        # Qwen2 always has q/k/v biases and no o bias; Llama and Qwen3 put `attention_bias` on all four.
-        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3") and attention_bias),
-        o_bias=model_type in ("llama", "qwen3") and attention_bias,
+        rope=rope_from_hf_config(hf, "full_attention"),
+        sliding_window=hf.get("sliding_window") if layer_types else sliding_window_from_hf_config(hf),
+        # Qwen2 always has q/k/v biases and no o bias; Llama, Qwen3 and Gemma put `attention_bias` on all four.
+        qkv_bias=model_type == "qwen2" or (model_type in ("llama", "qwen3", *GEMMA_TYPES) and attention_bias),
+        o_bias=model_type in ("llama", "qwen3", *GEMMA_TYPES) and attention_bias,
         mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qk_norm=model_type in ("qwen3", "gemma3_text"),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # Gemma ties by default
         scan_layers=scan_layers,
+        norm_offset=gemma,
+        embed_scale=gemma,
+        query_scale=hf["query_pre_attn_scalar"] ** -0.5 if hf.get("query_pre_attn_scalar") else None,
+        final_logit_softcap=hf.get("final_logit_softcapping") or None,
+        sandwich_norms=model_type in ("gemma2", "gemma3_text"),
+        layer_types=layer_types,
+        local_rope=rope_from_hf_config(hf, "sliding_attention") if layer_types else None,
     )
 
 
-def rope_from_hf_config(hf: dict[str, Any]) -> RopeSpec:
-    """RoPE settings from `rope_parameters` (transformers v5) or `rope_theta` + `rope_scaling` (older configs)."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _check_gemma(hf: dict[str, Any]) -> None:
+    cap = hf.get("attn_logit_softcapping")
+    if cap:
+        raise ArchitectureError(
+            f"attn_logit_softcapping {cap} (Gemma 2) is not supported: attention runs through "
+            "jax.nn.dot_product_attention, which has no score soft-capping (Gemma 3 has none and is supported)"
+        )
+    if hf.get("use_bidirectional_attention"):
+        raise ArchitectureError("use_bidirectional_attention is not supported (causal LMs only)")
+
+
+def _interleaved_layer_types(hf: dict[str, Any]) -> tuple[str, ...]:
+    """Gemma 2/3's per-layer attention kinds: config.json's layer_types, or the older sliding_window_pattern
+    (every pattern-th layer global; Gemma 2 alternates)."""
+    n = hf["num_hidden_layers"]
+    kinds = hf.get("layer_types")
+    if kinds is None:
+        pattern = hf.get("sliding_window_pattern", 6 if hf.get("model_type") == "gemma3_text" else 2)
+        kinds = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+    kinds = tuple(kinds)
+    unknown = sorted(set(kinds) - {"sliding_attention", "full_attention"})
+    if unknown or len(kinds) != n:
+        raise ArchitectureError(f"layer_types {list(kinds)} must name sliding_attention or full_attention per layer")
+    if "sliding_attention" in kinds and not hf.get("sliding_window"):
+        raise ArchitectureError("layer_types has sliding_attention layers but no sliding_window is set")
+    return kinds
+
+
+def rope_from_hf_config(hf: dict[str, Any], layer_type: str = "full_attention") -> RopeSpec:
+    """RoPE settings from `rope_parameters` (transformers v5; per layer type for Gemma 3, whose sliding layers
+    have their own) or `rope_theta` + `rope_scaling` (older configs; Gemma 3's `rope_local_base_freq`)."""
+    params = hf.get("rope_parameters") or {}
     if any(isinstance(v, dict) for v in params.values()):
-        raise ArchitectureError("per-layer-type rope_parameters are not supported")
+        if not isinstance(params.get(layer_type), dict):
+            raise ArchitectureError(f"rope_parameters has no entry for {layer_type} layers")
+        params = params[layer_type]
+    elif hf.get("model_type") == "gemma3_text" and not params:  # an older Gemma 3 config
+        if layer_type == "sliding_attention":
+            params = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+        else:
+            params = {"rope_theta": hf.get("rope_theta", 1_000_000.0), **(hf.get("rope_scaling") or {})}
+    else:
+        params = params or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise ArchitectureError(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
