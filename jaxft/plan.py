@@ -46,10 +46,13 @@ def describe_plan(cfg: Config) -> str:
     shapes = {path_str(p): tuple(v.shape) for p, v in abstract.flat_state()}
     plan = freeze.build_freeze_plan(shapes, cfg.freeze.rules)
     trainable_paths = set(plan.trainable_paths)
+    if cfg.model.frozen_dtype:  # frozen weights stored as training stores them
+        abstract = pretrained.cast_abstract(abstract, cfg.model.frozen_dtype, set(shapes) - trainable_paths)
+    width = max(28, *(len(str(s)) for s in specs.values()))
     lines = [
         f"mesh: data={m.shape['data']} fsdp={m.shape['fsdp']} tensor={m.shape['tensor']} ({m.devices.size} devices)",
         "",
-        f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<28} {'status':<10} rule",
+        f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<{width}} {'status':<10} rule",
     ]
     totals = {"params": 0, "grads": 0}
     for p, v in abstract.flat_state():
@@ -61,7 +64,7 @@ def describe_plan(cfg: Config) -> str:
         totals["params"] += nbytes
         totals["grads"] += nbytes if name in trainable_paths else 0
         lines.append(
-            f"{name:<48} {list(v.shape)!s:<16} {v.dtype!s:<8} {specs[name]!s:<28} "
+            f"{name:<48} {list(v.shape)!s:<16} {v.dtype!s:<8} {specs[name]!s:<{width}} "
             f"{status:<10} {plan.rule_of[name]}: {plan.rules[plan.rule_of[name]][0]}"
         )
     trainable, _ = split_params((None, abstract), trainable_paths)

@@ -3,6 +3,7 @@ the base model, the base stays bit-identical while only adapters train (no optim
 base weights kept in bf16, adapter dropout, folding an adapter into its kernel, and a target that matches
 nothing."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -136,3 +137,10 @@ def test_plan_counts_only_adapters_as_trainable(tiny_llama):
     assert "layers/self_attn/q_proj/lora_a" in text
     n_adapter = 3 * ((64 * 4 + 4 * 64) + (64 * 4 + 4 * 32))  # layers × (q: 64 -> 64, v: 64 -> 2 kv heads × 16)
     assert f"trainable {n_adapter:,} /" in text
+    # A bf16 frozen base: its rows say so, and the per-device params shrink while grads/optimizer stay.
+    half = describe_plan(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, frozen_dtype="bfloat16")))
+    row = lambda t, name: next(line for line in t.splitlines() if line.startswith(name + " "))
+    assert "bfloat16" in row(half, "embed_tokens") and "float32" in row(half, "layers/self_attn/q_proj/lora_a")
+    memory = lambda t, k: next(line for line in t.splitlines() if line.strip().startswith(k)).split(None, 1)[1]
+    assert memory(half, "params") != memory(text, "params")
+    assert memory(half, "optimizer") == memory(text, "optimizer")
