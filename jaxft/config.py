@@ -32,6 +32,9 @@ class ModelConfig:
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
     scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
     frozen_dtype: str = ""  # storage dtype of frozen parameters ("" = param_dtype; "bfloat16" halves a LoRA base)
+    # Causal LM: the LM head and loss run over this many positions of each row at a time, recomputed in the
+    # backward pass, so [batch, seq, vocab] logits never exist at once (large vocabularies). 0 = all at once.
+    logits_chunk: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

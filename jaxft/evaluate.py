@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxft import compile, mesh
 from jaxft.config import ConfigError, apply_overrides, from_dict, validate
@@ -94,6 +95,8 @@ def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[
         raise ConfigError(f"{bad[0]!r}: jaxft eval takes only data.* overrides")
     graphdef, params, meta, m, step = load_run_model(run_dir, step)
     cfg = validate(apply_overrides(from_dict(meta["config"]), list(overrides)))
+    if cfg.model.task == "causal-lm":  # the run's LM-head chunking: a big vocabulary's logits fit as in training
+        graphdef = nnx.split(nnx.merge(graphdef, params).configure(logits_chunk=cfg.model.logits_chunk))[0]
     batch_size = -(-cfg.train.eval_batch_size // mesh.data_parallel_size(m)) * mesh.data_parallel_size(m)
     folder = Path(meta["source"]["path"])
     batches = (lm_batches if cfg.model.task == "causal-lm" else labelled_batches)(cfg, meta, folder, batch_size)

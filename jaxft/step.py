@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +24,49 @@ def classification_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: 
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_rng=rng)
 
 
-def causal_lm_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
-    """Logits [B, L, V] of packed rows: segment ids keep examples apart, 0 marks padding."""
+def causal_lm_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> LMOutput:
+    """Final hidden states of packed rows (segment ids keep examples apart, 0 marks padding) and the model's
+    LM head: the loss makes the logits, all at once or a chunk at a time (model.logits_chunk)."""
     segments_BxL = batch["segment_ids"]
-    return model(batch["input_ids"], segments_BxL > 0, segments_BxL, batch["positions"], dropout_rng=rng)
+    hidden_BxLxE = model.hidden_states(
+        batch["input_ids"], segments_BxL > 0, segments_BxL, batch["positions"], dropout_rng=rng
+    )
+    return LMOutput(hidden_BxLxE, model.project, getattr(model, "logits_chunk", 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMOutput:
+    """What a causal LM's forward hands its loss: hidden states [B, L, E] and `project`, hidden -> fp32 logits."""
+
+    hidden: jax.Array
+    project: Callable[[jax.Array], jax.Array]
+    chunk: int = 0  # positions per row whose logits exist at a time (0: all)
+
+
+def next_token_stats(out: LMOutput, targets_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and argmax hits [B, T] of positions 0..T-1 predicting `targets_BxT`. With a chunk, the
+    positions go through the LM head a chunk at a time under jax.checkpoint: the backward pass recomputes
+    each chunk's logits instead of keeping [B, T, V] of them."""
+    hidden_BxTxE = out.hidden[:, : targets_BxT.shape[1]]
+
+    def stats(h_BxCxE, t_BxC):
+        logits_BxCxV = out.project(h_BxCxE).astype(jnp.float32)
+        losses_BxC = optax.softmax_cross_entropy_with_integer_labels(logits_BxCxV, t_BxC)
+        return losses_BxC, (logits_BxCxV.argmax(-1) == t_BxC).astype(jnp.float32)
+
+    B, T = targets_BxT.shape
+    if not out.chunk or out.chunk >= T:
+        return stats(hidden_BxTxE, targets_BxT)
+    C = out.chunk
+    n, pad = -(-T // C), -T % C
+    # [B, T, ...] -> [n, B, C, ...]: the scan walks the sequence; the (sharded) batch axis stays where it was.
+    chunks = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)).reshape((B, n, C) + x.shape[2:])
+    h_NxBxCxE = jnp.moveaxis(chunks(hidden_BxTxE), 1, 0)
+    t_NxBxC = jnp.moveaxis(chunks(targets_BxT), 1, 0)
+    body = jax.checkpoint(lambda carry, xs: (carry, stats(*xs)))
+    _, (losses_NxBxC, hits_NxBxC) = jax.lax.scan(body, None, (h_NxBxCxE, t_NxBxC))
+    unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(B, n * C)[:, :T]
+    return unchunk(losses_NxBxC), unchunk(hits_NxBxC)
 
 
 def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -43,18 +83,17 @@ def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
-def causal_lm_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+def causal_lm_loss(out: LMOutput, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy, token-weighted: position t predicts token t+1 of the same segment, and only
     tokens marked in loss_mask (completions, unless the prompt trains too) are targets."""
     targets_BxL = batch["input_ids"][:, 1:]
     segments_BxL = batch["segment_ids"]
     same_segment = (segments_BxL[:, 1:] == segments_BxL[:, :-1]) & (segments_BxL[:, 1:] > 0)
     weights_BxL = batch["loss_mask"][:, 1:].astype(jnp.float32) * same_segment
-    logits_BxLxV = logits[:, :-1].astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, targets_BxL)
+    losses_BxL, hits_BxL = next_token_stats(out, targets_BxL)
     count = weights_BxL.sum()
-    correct = ((logits_BxLxV.argmax(-1) == targets_BxL) * weights_BxL).sum()
-    loss_sum = (losses * weights_BxL).sum()
+    correct = (hits_BxL * weights_BxL).sum()
+    loss_sum = (losses_BxL * weights_BxL).sum()
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
@@ -63,8 +102,8 @@ class Task:
     """How a task runs through the shared step: its batch fields, forward call, loss, and extra eval sums."""
 
     fields: tuple[str, ...]
-    forward: Callable[[nnx.Module, dict[str, jax.Array], jax.Array | None], jax.Array]
-    loss: Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
+    forward: Callable[[nnx.Module, dict[str, jax.Array], jax.Array | None], Any]  # logits, or an LMOutput
+    loss: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
     eval_sums: Callable[[jax.Array, dict[str, jax.Array]], dict[str, jax.Array]] | None
 
 
@@ -75,12 +114,18 @@ def model_logits(
     dropout_rng: jax.Array | None,
     task: str = "sequence-classification",
 ) -> jax.Array:
-    return TASKS[task].forward(nnx.merge(graphdef, params), batch, dropout_rng)
+    """The task's logits, whole (a causal LM's [B, L, V] too)."""
+    out = _forward(graphdef, params, batch, dropout_rng, task)
+    return out.project(out.hidden) if isinstance(out, LMOutput) else out
+
+
+def _forward(graphdef, params, batch, rng, task):
+    return TASKS[task].forward(nnx.merge(graphdef, params), batch, rng)
 
 
 def _loss_of_trainable(trainable, frozen, graphdef, batch, rng, task):
     params = nnx.merge_state(trainable, frozen)
-    return TASKS[task].loss(model_logits(graphdef, params, batch, rng, task), batch)
+    return TASKS[task].loss(_forward(graphdef, params, batch, rng, task), batch)
 
 
 def _microbatches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
@@ -159,10 +204,10 @@ def eval_step(
 ) -> dict[str, jax.Array]:
     """Sums over one eval batch: (loss, correct, count), plus per-class counts for macro-F1 in classification;
     the loop adds them up across batches."""
-    logits = model_logits(graphdef, nnx.merge_state(trainable, frozen), batch, None, task)
-    _, stats = TASKS[task].loss(logits, batch)
+    out = _forward(graphdef, nnx.merge_state(trainable, frozen), batch, None, task)
+    _, stats = TASKS[task].loss(out, batch)
     extra = TASKS[task].eval_sums
-    return {**stats, **(extra(logits, batch) if extra else {})}
+    return {**stats, **(extra(out, batch) if extra else {})}
 
 
 def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -44,7 +44,7 @@ RESUMABLE_CHANGES = (
     r"checkpoint\..*",
     r"data\.(eval_split|eval_files|sample_prompts)",
     r"mesh\.(data|fsdp|tensor|rules)",
-    r"model\.remat",
+    r"model\.(remat|logits_chunk)",
 )
 
 
@@ -411,7 +411,11 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _configured_graphdef(pre: pretrained.Pretrained, cfg: Config) -> nnx.GraphDef:
-    model = nnx.merge(pre.graphdef, pre.params).configure(jnp.dtype(cfg.model.compute_dtype), cfg.model.remat)
+    model = nnx.merge(pre.graphdef, pre.params)
+    if cfg.model.task == "causal-lm":
+        model.configure(jnp.dtype(cfg.model.compute_dtype), cfg.model.remat, logits_chunk=cfg.model.logits_chunk)
+    else:
+        model.configure(jnp.dtype(cfg.model.compute_dtype), cfg.model.remat)
     return nnx.split(model)[0]
 
 

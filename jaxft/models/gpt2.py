@@ -156,6 +156,7 @@ class GPT2Model(nnx.Module):
         self.compute_dtype = jnp.dtype(jnp.float32)
         self.remat = "none"
         self.attention_impl: str | None = None
+        self.logits_chunk = 0
 
     # The same static options (compute dtype, remat policy, attention implementation) and the same scanned /
     # looped layer runner as LlamaModel: both read only the attributes set above.

@@ -410,12 +410,18 @@ class LlamaModel(nnx.Module):
         self.compute_dtype = jnp.dtype(jnp.float32)
         self.remat = "none"
         self.attention_impl: str | None = None
+        self.logits_chunk = 0
 
     def configure(
-        self, compute_dtype: Any = jnp.float32, remat: bool | str = "none", attention_impl: str | None = None
+        self,
+        compute_dtype: Any = jnp.float32,
+        remat: bool | str = "none",
+        attention_impl: str | None = None,
+        logits_chunk: int = 0,
     ) -> LlamaModel:
         """Sets static execution options (not parameters). remat: none | full | dots_saveable |
-        dots_with_no_batch_dims_saveable (True/False mean full/none); attention_impl: None | "xla" | "cudnn"."""
+        dots_with_no_batch_dims_saveable (True/False mean full/none); attention_impl: None | "xla" | "cudnn";
+        logits_chunk: positions per row whose logits the training loss computes at a time (0: all)."""
         if isinstance(remat, bool):  # the engine's ModelConfig.remat is a bool
             remat = "full" if remat else "none"
         if remat != "none" and remat not in REMAT_POLICIES:
@@ -423,6 +429,7 @@ class LlamaModel(nnx.Module):
         self.compute_dtype = jnp.dtype(compute_dtype)
         self.remat = remat
         self.attention_impl = attention_impl
+        self.logits_chunk = int(logits_chunk)
         return self
 
     def __call__(
