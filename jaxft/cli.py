@@ -150,8 +150,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from jaxft.export import export_run
 
     step = select_step(Path(args.run_dir), args.step, args.best)
-    out = export_run(Path(args.run_dir), Path(args.out_dir), step=step, dtype=args.dtype)
-    print(f"exported step {step} to {out}")
+    run_dir, out_dir = Path(args.run_dir), Path(args.out_dir)
+    out = export_run(run_dir, out_dir, step=step, dtype=args.dtype, merged=args.merged, adapter=args.adapter)
+    what = " (PEFT adapter)" if args.adapter else " (adapters merged)" if args.merged else ""
+    print(f"exported step {step}{what} to {out}")
     return 0
 
 
@@ -218,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     _add_step_args(p)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    lora_mode = p.add_mutually_exclusive_group()
+    lora_mode.add_argument("--merged", action="store_true", help="LoRA runs: fold the adapters into the base weights")
+    lora_mode.add_argument(
+        "--adapter", action="store_true", help="LoRA runs: write a PEFT adapter folder for the pretrained model"
+    )
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("generate", help="complete prompts with a causal-lm run's checkpoint (kv-cached decoding)")
     p.add_argument("run_dir")

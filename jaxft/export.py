@@ -1,12 +1,14 @@
-"""Export of a run's checkpoint as a standard Hugging Face folder (config, safetensors, tokenizer files).
+"""Export of a run's checkpoint as a standard Hugging Face folder: config, safetensors and tokenizer files for
+BERT-family classifiers and decoder LMs (LoRA adapters folded in with `merged`), or a PEFT LoRA adapter folder.
 
-Streams one tensor at a time from the devices into the files; it must never hold the whole model on the host,
-and never leaves a half-written folder behind.
+Streams one HF tensor at a time from the devices into the files (a scanned model's stacked weights one layer at
+a time); it must never hold the whole model on the host, and never leaves a half-written folder behind.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -24,8 +26,19 @@ import ml_dtypes
 import numpy as np
 
 from jaxft.checkpoint import RunCheckpointError
-from jaxft.models import BertSpec, bert_hf
-from jaxft.paths import path_str
+from jaxft.config import from_dict
+from jaxft.models import (
+    BertSpec,
+    GPT2Spec,
+    LlamaSpec,
+    bert_hf,
+    family_for_spec,
+    gpt2_hf,
+    llama_hf,
+    lora,
+    spec_from_dict,
+)
+from jaxft.paths import matches_any, path_str
 from jaxft.predict import load_run_model, read_run
 
 log = logging.getLogger("jaxft.export")
@@ -41,7 +54,7 @@ SAFETENSORS_CODES = {
     DTYPES["float16"]: "F16",
 }
 
-# Everything a BERT-family tokenizer may need; whichever of these the pretrained folder has is copied.
+# Everything an encoder's or a decoder's tokenizer may need; whichever of these the pretrained folder has is copied.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -52,24 +65,54 @@ TOKENIZER_FILES = (
     "merges.txt",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
 )
+# A decoder's sampling defaults (eos ids, temperature) travel with the model, not with an adapter.
+GENERATION_FILES = ("generation_config.json",)
 
-# model_type -> (transformers class name stem, attribute holding the encoder). Every RoBERTa variant's task
-# class keeps its encoder in `self.roberta` (base_model_prefix "roberta"), whatever the model_type.
+# model_type -> (transformers class name stem, prefix of the body's keys in the task class). Every RoBERTa
+# variant's task class keeps its encoder in `self.roberta` (base_model_prefix "roberta"), whatever the model_type;
+# the Llama family's causal-LM classes keep theirs in `self.model` (whose "model." the key table writes itself).
 ARCHITECTURES = {
     "bert": ("Bert", "bert."),
     "roberta": ("Roberta", "roberta."),
     "xlm-roberta": ("XLMRoberta", "roberta."),
     "camembert": ("Camembert", "roberta."),
+    "llama": ("Llama", ""),
+    "mistral": ("Mistral", ""),
+    "qwen2": ("Qwen2", ""),
+    "qwen3": ("Qwen3", ""),
+    "gemma": ("Gemma", ""),
+    "gemma2": ("Gemma2", ""),
+    "gemma3_text": ("Gemma3", ""),
+    "gpt2": ("GPT2", gpt2_hf.BODY_PREFIX),
 }
 TASK_CLASSES = {
     "sequence-classification": "ForSequenceClassification",
     "token-classification": "ForTokenClassification",
+    "causal-lm": "ForCausalLM",
 }
+CLASS_NAMES = {("gpt2", "causal-lm"): "GPT2LMHeadModel"}  # the one class that breaks the naming pattern
+
+# PEFT's file names, and the prefix of its saved keys (PeftModel.base_model.model is the transformers model).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model"
+PEFT_PREFIX = "base_model.model."
 
 
 class ExportError(ValueError):
     """An export that cannot be done as asked; the message names the path and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """A LoRA adapter folded into the kernel it sits on: W + scale·A·B."""
+
+    a: str  # the lora_a parameter path
+    b: str  # the lora_b parameter path
+    scale: float  # alpha / rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +121,11 @@ class HFTensor:
 
     key: str
     path: str
-    kind: str  # a bert_hf layout kind (copy, flat, linear1, linear2)
+    kind: str  # a bert_hf layout kind (copy, flat, linear1, linear2, conv1, conv2)
     shape: tuple[int, ...]
     dtype: np.dtype
+    layer: int | None = None  # its index on the stacked `layers` axis of a scanned parameter
+    fold: Fold | None = None  # an adapter to fold into this kernel (merged export)
 
     @property
     def nbytes(self) -> int:
@@ -97,8 +142,12 @@ def export_run(
     dtype: str = "float32",
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    merged: bool = False,
+    adapter: bool = False,
 ) -> Path:
-    """Writes step `step` (default: the latest complete) of a run as an HF model folder at `out_dir`.
+    """Writes step `step` (default: the latest complete) of a run as an HF model folder at `out_dir`. A LoRA run
+    needs `merged` (every adapter folded into its base weight) or `adapter` (a PEFT adapter folder for the run's
+    pretrained model); `dtype` applies to the adapter tensors too.
 
     Every process joins the gathers; process 0 alone writes, into a temporary sibling that is renamed into
     place only when complete. Files bigger than `max_shard_bytes` are split into HF's sharded layout.
@@ -108,25 +157,65 @@ def export_run(
         raise ExportError(f"{out_dir}: unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     if max_shard_bytes <= 0:
         raise ExportError(f"{out_dir}: max_shard_bytes must be positive, got {max_shard_bytes}")
+    if merged and adapter:
+        raise ExportError(f"{out_dir}: --merged and --adapter exclude each other (a whole model or an adapter)")
     if not (run_dir / "run.json").is_file():
         raise ExportError(f"{run_dir}: not a jaxft run dir (no run.json)")
     _on_process0(lambda: check_out_dir(out_dir))
     try:
-        family = read_run(run_dir).get("family", "bert")
-        if family != "bert":
-            raise ExportError(f"{run_dir}: export of {family} (decoder) runs is not supported yet")
+        check_lora_mode(run_dir, read_run(run_dir), merged, adapter)
         _, params, meta, _, step = load_run_model(run_dir, step)
     except RunCheckpointError as e:
         raise ExportError(str(e)) from e
-    spec = BertSpec(**meta["spec"])
+    spec = spec_from_dict(meta.get("family", "bert"), meta["spec"])
     model_type = meta["hf_config"].get("model_type", "")
-    tensors = plan_tensors(params, spec, model_type, DTYPES[dtype], run_dir)
-    config = make_hf_config(meta, spec, dtype)
     source = Path(meta["source"]["path"])
+    if adapter:
+        tensors, modules, fan_in_fan_out = plan_adapter_tensors(params, spec, model_type, DTYPES[dtype], run_dir)
+        config = make_adapter_config(meta, modules, fan_in_fan_out)
+        # PEFT reads a single adapter_model.safetensors, so an adapter is never sharded.
+        layout = dict(config_name=ADAPTER_CONFIG, weights_stem=ADAPTER_WEIGHTS, copied=TOKENIZER_FILES)
+        max_shard_bytes = sys.maxsize
+    else:
+        scale = lora_scale(meta) if merged else None
+        tensors = plan_tensors(params, spec, model_type, DTYPES[dtype], run_dir, fold_scale=scale)
+        config = make_hf_config(meta, spec, dtype)
+        decoder = not isinstance(spec, BertSpec)
+        layout = dict(copied=TOKENIZER_FILES + (GENERATION_FILES if decoder else ()))
     arrays = iter_hf_arrays(params, tensors)
-    _on_process0(lambda: write_folder(out_dir, tensors, arrays, config, source, max_shard_bytes), drain=arrays)
+    _on_process0(
+        lambda: write_folder(out_dir, tensors, arrays, config, source, max_shard_bytes, **layout), drain=arrays
+    )
     log.info("exported step %d of %s to %s", step, run_dir, out_dir)
     return out_dir
+
+
+def check_lora_mode(run_dir: Path, meta: dict[str, Any], merged: bool, adapter: bool) -> None:
+    """A LoRA run exports merged or as an adapter, a run without adapters as neither; an adapter folder carries
+    the adapters only, so a run that also trained base weights must be merged."""
+    rank = (meta["config"].get("lora") or {}).get("rank", 0)
+    if rank and not (merged or adapter):
+        raise ExportError(
+            f"{run_dir}: the run has LoRA adapters (rank {rank}); pass --merged to fold them into the base "
+            "weights or --adapter to write a PEFT adapter folder"
+        )
+    if not rank and (merged or adapter):
+        flag = "--merged" if merged else "--adapter"
+        raise ExportError(f"{run_dir}: {flag} exports LoRA adapters, and this run has none (lora.rank=0)")
+    if adapter:
+        trained = [p for p in meta.get("trainable_paths", ()) if not matches_any(p, (lora.ADAPTER_PARAMS,))]
+        if trained:
+            shown = ", ".join(trained[:4]) + (f" (+{len(trained) - 4} more)" if len(trained) > 4 else "")
+            raise ExportError(
+                f"{run_dir}: --adapter writes the LoRA adapters only, but the run also trained {shown}; "
+                "export it with --merged"
+            )
+
+
+def lora_scale(meta: dict[str, Any]) -> float:
+    """alpha / rank, the factor the adapters' product is added with."""
+    cfg = from_dict(meta["config"]).lora
+    return cfg.alpha / cfg.rank
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -168,22 +257,32 @@ def _on_process0(work: Callable[[], None], drain: Iterable[Any] = ()) -> None:
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def plan_tensors(params: Any, spec: BertSpec, model_type: str, dtype: np.dtype, run_dir: Path) -> list[HFTensor]:
-    """The HF tensors to write, in parameter order; every key the HF class holds must be among them."""
-    if model_type not in ARCHITECTURES:
-        raise ExportError(f"{run_dir}: model_type {model_type!r} has no transformers class to export to")
-    prefix = ARCHITECTURES[model_type][1]
+def plan_tensors(
+    params: Any, spec: Any, model_type: str, dtype: np.dtype, run_dir: Path, fold_scale: float | None = None
+) -> list[HFTensor]:
+    """The HF tensors to write, in parameter order (a stacked parameter's layers in turn); every key the HF class
+    holds must be among them. With `fold_scale`, each LoRA adapter is folded into its kernel (W + scale·A·B)."""
+    prefix = body_prefix(model_type, run_dir)
+    family = family_for_spec(spec)
+    flat = {path_str(p): var for p, var in params.flat_state()}
+    adapters = {p for p in flat if matches_any(p, (lora.ADAPTER_PARAMS,))}
     tensors, problems = [], []
-    for p, var in params.flat_state():
-        path = path_str(p)
-        entry = bert_hf.hf_key_for(path, prefix)
+    for path, var in flat.items():
+        if path in adapters and fold_scale is not None:
+            continue  # folded into its kernel
+        entry = family.hf_entry(path, spec, prefix)
         if entry is None:
             problems.append(f"{path} has no HF key")
             continue
-        key, kind = entry
+        module = path.rpartition("/")[0]
+        fold = None
+        if fold_scale is not None and path == f"{module}/kernel" and f"{module}/lora_a" in adapters:
+            fold = Fold(f"{module}/lora_a", f"{module}/lora_b", fold_scale)
         src = np.dtype(var.get_value().dtype)
         out = dtype if jnp.issubdtype(src, jnp.floating) else src  # only float tensors take --dtype
-        tensors.append(HFTensor(key, path, kind, bert_hf.hf_shape(kind, tuple(var.shape)), out))
+        shape = llama_hf.hf_shape(entry, tuple(var.shape))
+        layers = range(len(entry.keys)) if entry.stacked else (None,)
+        tensors += [HFTensor(key, path, entry.kind, shape, out, i, fold) for key, i in zip(entry.keys, layers)]
     have = {t.key for t in tensors}
     needed = hf_state_keys(spec, prefix)
     problems += [f"the HF class needs {k}, which the run has no parameter for" for k in sorted(needed - have)]
@@ -193,15 +292,75 @@ def plan_tensors(params: Any, spec: BertSpec, model_type: str, dtype: np.dtype, 
     return tensors
 
 
-def architecture(spec: BertSpec, model_type: str) -> str:
-    return ARCHITECTURES[model_type][0] + TASK_CLASSES[spec.task]
+def plan_adapter_tensors(
+    params: Any, spec: Any, model_type: str, dtype: np.dtype, run_dir: Path
+) -> tuple[list[HFTensor], list[str], bool]:
+    """PEFT's tensors for every LoRA adapter, under the HF module its kernel maps to: lora_A.weight [r, in] and
+    lora_B.weight [out, r]. Also the adapted HF module names, and whether they are Conv1D (PEFT's fan_in_fan_out).
+
+    PEFT's lora_A / lora_B are torch Linear layers on Linear and Conv1D alike, and a kernel's in... and out...
+    dims flatten in C order into the HF weight's in and out, so A [in..., r] and B [r, out...] take the kernel
+    kinds' own flattening (GPT-2's fused B [r, 3, N, H] becomes c_attn's [3*N*H] outputs, q then k then v).
+    """
+    prefix = body_prefix(model_type, run_dir)
+    family = family_for_spec(spec)
+    tensors, modules, layer_kinds, problems = [], [], set(), []
+    for p, var in params.flat_state():
+        path = path_str(p)
+        if not matches_any(path, (lora.ADAPTER_PARAMS,)):
+            continue
+        module, _, name = path.rpartition("/")
+        entry = family.hf_entry(f"{module}/kernel", spec, prefix)
+        if entry is None or not entry.kind.startswith(("linear", "conv")):
+            problems.append(f"{path} sits on no HF linear layer")
+            continue
+        shape = tuple(var.shape)[1:] if entry.stacked else tuple(var.shape)
+        kind = f"linear{len(shape) - 1}" if name == "lora_a" else "linear1"  # A has in... dims, B has one (r)
+        part = "lora_A" if name == "lora_a" else "lora_B"
+        layers = range(len(entry.keys)) if entry.stacked else (None,)
+        for key, i in zip(entry.keys, layers):
+            hf_module = key.removesuffix(".weight")
+            tensors.append(
+                HFTensor(f"{PEFT_PREFIX}{hf_module}.{part}.weight", path, kind, bert_hf.hf_shape(kind, shape), dtype, i)
+            )
+            modules += [hf_module] if name == "lora_a" else []
+        layer_kinds.add(entry.kind.rstrip("0123456789"))
+    if len(layer_kinds) > 1:
+        problems.append("adapters on both Linear and Conv1D layers (PEFT's fan_in_fan_out is one setting)")
+    if problems or not tensors:
+        raise ExportError(f"{run_dir}: cannot export a PEFT adapter: " + ("; ".join(problems) or "no LoRA adapters"))
+    return tensors, sorted(modules), layer_kinds == {"conv"}
 
 
-def hf_state_keys(spec: BertSpec, prefix: str) -> set[str]:
+def body_prefix(model_type: str, run_dir: Path) -> str:
+    if model_type not in ARCHITECTURES:
+        raise ExportError(f"{run_dir}: model_type {model_type!r} has no transformers class to export to")
+    return ARCHITECTURES[model_type][1]
+
+
+def _task(spec: Any) -> str:
+    return spec.task if isinstance(spec, BertSpec) else "causal-lm"  # the decoders have no other task
+
+
+def architecture(spec: Any, model_type: str) -> str:
+    task = _task(spec)
+    return CLASS_NAMES.get((model_type, task)) or ARCHITECTURES[model_type][0] + TASK_CLASSES[task]
+
+
+def hf_state_keys(spec: Any, prefix: str) -> set[str]:
     """The state-dict keys of the transformers task class, written out from its modeling code rather than
-    derived from our key table, so a parameter the table (or the model) lacks is caught here instead of being
-    left at random init by `from_pretrained`. Bert*/Roberta* token classes and Roberta* sequence classes
-    have no pooler; Roberta* sequence classes have a two-layer head."""
+    derived from our key tables, so a parameter a table (or the model) lacks is caught here instead of being
+    left at random init by `from_pretrained`."""
+    if isinstance(spec, LlamaSpec):
+        return _llama_state_keys(spec)
+    if isinstance(spec, GPT2Spec):
+        return _gpt2_state_keys(spec, prefix)
+    return _encoder_state_keys(spec, prefix)
+
+
+def _encoder_state_keys(spec: BertSpec, prefix: str) -> set[str]:
+    """Bert*/Roberta* token classes and Roberta* sequence classes have no pooler; Roberta* sequence classes have
+    a two-layer head."""
     w_b = ("weight", "bias")
     embeddings = ["word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight"]
     keys = {f"{prefix}embeddings.{n}" for n in embeddings} | {f"{prefix}embeddings.LayerNorm.{w}" for w in w_b}
@@ -220,24 +379,81 @@ def hf_state_keys(spec: BertSpec, prefix: str) -> set[str]:
     return keys | {f"{h}.{w}" for h in heads for w in w_b}
 
 
-def make_hf_config(meta: dict[str, Any], spec: BertSpec, dtype: str) -> dict[str, Any]:
-    """The pretrained config.json with this run's head: labels, task class and dtype."""
+def _llama_state_keys(spec: LlamaSpec) -> set[str]:
+    """LlamaForCausalLM and its Mistral / Qwen2 / Qwen3 / Gemma siblings: biases, q/k norms and Gemma 2/3's
+    sandwich norms where the config has them; a tied lm_head is the embedding, not a tensor of its own."""
+    attn = [f"self_attn.{m}_proj.weight" for m in "qkvo"] + [f"self_attn.{m}_proj.bias" for m in "qkv" if spec.qkv_bias]
+    attn += ["self_attn.o_proj.bias"] if spec.o_bias else []
+    attn += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if spec.qk_norm else []
+    mlp_params = ("weight", "bias") if spec.mlp_bias else ("weight",)
+    mlp = [f"mlp.{m}_proj.{w}" for m in ("gate", "up", "down") for w in mlp_params]
+    layer = attn + mlp + ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    layer += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"] if spec.sandwich_norms else []
+    keys = {"model.embed_tokens.weight", "model.norm.weight"} | (
+        set() if spec.tie_word_embeddings else {"lm_head.weight"}
+    )
+    return keys | {f"model.layers.{i}.{name}" for i in range(spec.num_layers) for name in layer}
+
+
+def _gpt2_state_keys(spec: GPT2Spec, prefix: str) -> set[str]:
+    """GPT2LMHeadModel: LayerNorms and Conv1D projections with biases; its lm_head is always tied to wte."""
+    w_b = ("weight", "bias")
+    modules = ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    keys = {f"{prefix}wte.weight", f"{prefix}wpe.weight"} | {f"{prefix}ln_f.{w}" for w in w_b}
+    return keys | {f"{prefix}h.{i}.{m}.{w}" for i in range(spec.num_layers) for m in modules for w in w_b}
+
+
+def make_hf_config(meta: dict[str, Any], spec: Any, dtype: str) -> dict[str, Any]:
+    """The pretrained config.json with this run's task class and dtype (and a classifier's labels)."""
+    config = dict(meta["hf_config"])
+    config.update(
+        architectures=[architecture(spec, config["model_type"])],
+        dtype=dtype,
+        torch_dtype=dtype,  # what transformers v4 reads; v5 reads `dtype`
+    )
+    if not isinstance(spec, BertSpec):
+        return config
     labels = list(meta.get("label_names") or [f"LABEL_{i}" for i in range(spec.num_labels)])
     if len(labels) != spec.num_labels:
         raise ExportError(f"run.json: {len(labels)} label names for a head of {spec.num_labels} labels")
-    config = dict(meta["hf_config"])
     config.pop("problem_type", None)  # the pretrained head's, not this run's
     config.update(
-        architectures=[architecture(spec, config["model_type"])],
         num_labels=len(labels),
         id2label={str(i): name for i, name in enumerate(labels)},
         label2id={name: i for i, name in enumerate(labels)},
-        dtype=dtype,
-        torch_dtype=dtype,  # what transformers v4 reads; v5 reads `dtype`
     )
     if spec.task == "sequence-classification":
         config["problem_type"] = "single_label_classification"  # jaxft trains a softmax head
     return config
+
+
+def make_adapter_config(meta: dict[str, Any], modules: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+    """PEFT's adapter_config.json: a LoRA for causal LM on exactly the adapted modules, named by their full
+    module paths in the transformers class so no other layer with the same short name matches."""
+    cfg = from_dict(meta["config"]).lora
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name(meta),
+        "r": cfg.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+
+
+def base_model_name(meta: dict[str, Any]) -> str:
+    """The hub id the run's model came from, or the absolute path of its local pretrained folder."""
+    source, folder = meta["config"]["model"]["source"], meta["source"]["path"]
+    return str(Path(folder).resolve()) if str(Path(source).expanduser()) == folder else source
 
 
 def split_shards(tensors: list[HFTensor], max_shard_bytes: int) -> list[list[HFTensor]]:
@@ -273,9 +489,30 @@ def iter_hf_arrays(params: Any, tensors: list[HFTensor]) -> Iterator[tuple[str, 
     """(HF key, host array in HF layout and export dtype), one tensor at a time, in `tensors` order."""
     values = {path_str(p): var.get_value() for p, var in params.flat_state()}
     for t in tensors:
-        host = bert_hf.to_hf(t.kind, gather(values[t.path]))
+        host = bert_hf.to_hf(t.kind, gather(device_tensor(values, t)))
         yield t.key, host.astype(t.dtype, copy=False)
         del host  # before the next gather
+
+
+def device_tensor(values: dict[str, jax.Array], t: HFTensor) -> jax.Array:
+    """The device array behind one HF tensor: a parameter, one layer of a stacked parameter (sliced on the devices,
+    so the host never sees the whole stack), or a kernel with its adapter folded in."""
+    pick = (lambda x: x) if t.layer is None else (lambda x: _take_layer(x, t.layer))
+    x = pick(values[t.path])
+    if t.fold is not None:
+        x = _fold_adapter(x, pick(values[t.fold.a]), pick(values[t.fold.b]), t.fold.scale)
+    return x
+
+
+@jax.jit
+def _take_layer(stacked: jax.Array, i: jax.Array) -> jax.Array:
+    return stacked[i]  # `i` traced: one compilation per parameter shape, not per layer
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _fold_adapter(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    # In fp32 whatever the stored dtypes (a frozen base may be bf16); the export's dtype is applied on the host.
+    return lora.merged_kernel(kernel.astype(jnp.float32), a, b, scale, a.ndim - 1)
 
 
 def write_folder(
@@ -285,8 +522,13 @@ def write_folder(
     config: dict[str, Any],
     source: Path,
     max_shard_bytes: int,
+    *,
+    config_name: str = "config.json",
+    weights_stem: str = "model",
+    copied: tuple[str, ...] = TOKENIZER_FILES,
 ) -> None:
-    """Builds the folder in a temporary sibling and renames it into place; a failure removes the sibling."""
+    """Builds the folder in a temporary sibling and renames it into place; a failure removes the sibling.
+    `copied` names the pretrained folder's files that go along (whichever of them exist)."""
     if not source.is_dir():
         raise ExportError(f"{source}: the run's pretrained folder is gone; its tokenizer files are needed")
     check_out_dir(out_dir)
@@ -294,12 +536,12 @@ def write_folder(
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()  # not mkdtemp: that one is private (0700), and this folder becomes the export
-        write_weights(tmp, tensors, arrays, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        copied = [n for n in TOKENIZER_FILES if (source / n).is_file()]
-        for name in copied:
+        write_weights(tmp, tensors, arrays, max_shard_bytes, weights_stem)
+        (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        present = [n for n in copied if (source / n).is_file()]
+        for name in present:
             shutil.copyfile(source / name, tmp / name)
-        if not copied:
+        if not any(n in TOKENIZER_FILES for n in present):
             log.warning("%s: no tokenizer files to copy; the export has weights and config only", source)
         os.replace(tmp, out_dir)  # replaces only a missing or empty folder, so nothing is ever overwritten
     except BaseException as e:
@@ -310,12 +552,16 @@ def write_folder(
 
 
 def write_weights(
-    folder: Path, tensors: list[HFTensor], arrays: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int
+    folder: Path,
+    tensors: list[HFTensor],
+    arrays: Iterator[tuple[str, np.ndarray]],
+    max_shard_bytes: int,
+    stem: str = "model",
 ) -> list[str]:
-    """model.safetensors, or HF's numbered shards plus model.safetensors.index.json; returns the file names."""
+    """STEM.safetensors, or HF's numbered shards plus STEM.safetensors.index.json; returns the file names."""
     shards = split_shards(tensors, max_shard_bytes)
     n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    names = [f"{stem}.safetensors"] if n == 1 else [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     for name, shard in zip(names, shards):
         with SafetensorsWriter(folder / name, [(t.key, t.shape, t.dtype) for t in shard]) as writer:
             for _, (key, array) in zip(shard, arrays):  # shard first: zip must not pull a tensor it won't write
@@ -326,7 +572,7 @@ def write_weights(
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
             "weight_map": {t.key: name for name, shard in zip(names, shards) for t in shard},
         }
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
 
 
