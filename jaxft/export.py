@@ -40,7 +40,7 @@ from jaxft.models import (
 )
 from jaxft.paths import matches_any, path_str
 from jaxft.predict import load_run_model, read_run
-from jaxft.safetensors_out import SafetensorsWriter, split_shards, write_weights  # noqa: F401 (SafetensorsWriter: API)
+from jaxft.safetensors_out import SafetensorsWriter, write_weights  # noqa: F401 (SafetensorsWriter: tests use it)
 
 log = logging.getLogger("jaxft.export")
 
