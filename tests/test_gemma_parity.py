@@ -103,3 +103,22 @@ def test_gemma2_attention_softcapping_is_refused():
     with pytest.raises(ArchitectureError, match="attn_logit_softcapping") as e:
         llama_hf.spec_from_hf_config(config)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_gemma3_weights_round_trip_to_hf_keys(checkpoints, scan):
+    from flax import nnx
+
+    from jaxft.paths import path_str
+    from tests.test_llama_parity import read_tensors
+
+    folder = checkpoints["gemma3"]
+    tensors = read_tensors(folder)
+    params = nnx.state(load_llama(folder, scan_layers=scan), nnx.Param)
+    exported = {}
+    for p, var in nnx.to_flat_state(params):
+        entry = llama_hf.hf_entry(path_str(p), GEMMA3["num_hidden_layers"])
+        exported.update(llama_hf.to_hf(entry, np.asarray(var.get_value())))
+    assert set(exported) == set(tensors)  # the pre/post feed-forward norms included
+    for key, value in exported.items():
+        np.testing.assert_array_equal(value, tensors[key], err_msg=key)
