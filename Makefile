@@ -29,7 +29,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check jaxft tests bench configs
 	$(BIN)/ruff format --check jaxft tests bench configs
-	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

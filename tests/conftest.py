@@ -68,9 +68,10 @@ def minilm() -> Path:
     return minilm_path()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def data_dir(tmp_path_factory) -> Path:
-    """A tfds data_dir shared by the session, so each dataset is prepared once."""
+    """A tfds data_dir shared by the session, so each dataset is prepared once. Every session (each xdist
+    worker is one) gets its own, so parallel workers never prepare into the same folder."""
     d = tmp_path_factory.mktemp("tfds")
     os.environ["JAXFT_DATA_DIR"] = str(d)
     return d
