@@ -32,7 +32,8 @@ ITEMS = ("state", "data", "meta")
 # must be read back from the pretrained files recorded in the metadata's `source`. Older checkpoints lack it.
 FROZEN_SAVED = "frozen_saved"
 
-# (abstract frozen State with shardings, the checkpoint's metadata) -> the frozen State, from the pretrained files
+# (abstract frozen State, the checkpoint's metadata) -> the frozen State, read from the pretrained files and placed
+# in the model's shardings
 LoadFrozen = Callable[[nnx.State, dict[str, Any]], nnx.State]
 
 
@@ -382,7 +383,7 @@ def restore_checkpoint(
     if with_frozen:
         frozen = _replace_pure(abstract_state.frozen, tree["frozen"])
     else:
-        frozen = _frozen_from_source(path, _with_shardings(abstract_state.frozen, shardings.frozen), meta, load_frozen)
+        frozen = _frozen_from_source(path, abstract_state.frozen, meta, load_frozen)
     return TrainState(
         step=tree["step"],
         trainable=_replace_pure(abstract_state.trainable, tree["trainable"]),
@@ -390,14 +391,6 @@ def restore_checkpoint(
         opt_state=tree["opt_state"],
         rng=tree["rng"],
     )
-
-
-def _with_shardings(abstract: nnx.State, shardings: nnx.State) -> nnx.State:
-    flat = {
-        p: v.replace(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.get_value()))
-        for (p, v), (_, s) in zip(abstract.flat_state(), shardings.flat_state())
-    }
-    return nnx.from_flat_state(flat)
 
 
 def _frozen_from_source(

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxft.checkpoint import RunCheckpointError
 from jaxft.config import from_dict
+from jaxft.load import CheckpointError
 from jaxft.models import (
     BertSpec,
     GPT2Spec,
@@ -159,7 +160,7 @@ def export_run(
     try:
         check_lora_mode(run_dir, read_run(run_dir), merged, adapter)
         _, params, meta, _, step = load_run_model(run_dir, step)
-    except RunCheckpointError as e:
+    except (RunCheckpointError, CheckpointError) as e:  # CheckpointError: an adapter run's base files changed
         raise ExportError(str(e)) from e
     spec = spec_from_dict(meta.get("family", "bert"), meta["spec"])
     model_type = meta["hf_config"].get("model_type", "")

@@ -114,11 +114,9 @@ def load_frozen(
 ) -> nnx.State:
     """The frozen parameters of a checkpoint saved without them (checkpoint.save_frozen=false), read again from
     the pretrained files it recorded (`recorded`: path and sha256 per file), which must be unchanged."""
-    from jaxft.checkpoint import RunCheckpointError
-
     folder = Path(recorded.get("path", ""))
     if not (folder / "config.json").is_file():
-        raise RunCheckpointError(
+        raise load_io.CheckpointError(
             f"{folder}: the pretrained model this checkpoint's frozen weights come from is gone "
             "(checkpoint.save_frozen=false keeps only the trained parameters)"
         )
@@ -128,7 +126,7 @@ def load_frozen(
     want, have = recorded.get("files") or {}, loaded.source.get("files") or {}
     if want and have and want != have:
         changed = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
-        raise RunCheckpointError(
+        raise load_io.CheckpointError(
             f"{folder}: pretrained files changed since this checkpoint was saved ({', '.join(changed)} differ "
             "from the recorded sha256), and its frozen weights were not saved with it"
         )

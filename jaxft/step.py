@@ -31,7 +31,7 @@ def causal_lm_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.A
     hidden_BxLxE = model.hidden_states(
         batch["input_ids"], segments_BxL > 0, segments_BxL, batch["positions"], dropout_rng=rng
     )
-    return LMOutput(hidden_BxLxE, model.project, getattr(model, "logits_chunk", 0))
+    return LMOutput(hidden_BxLxE, model.project, model.logits_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -264,8 +264,10 @@ def test_empty_out_dir_is_filled(seq_run, tmp_path):
     assert (export_run(seq_run, tmp_path / "empty") / "model.safetensors").is_file()
 
 
-def test_a_failure_midway_leaves_no_folder(seq_run, tmp_path, monkeypatch):
-    calls = []
+def fail_third_write(monkeypatch) -> list[str]:
+    """Makes SafetensorsWriter fail with a full disk at its third tensor; returns the names it was asked to write
+    (clear it to fail the third write of the next export again)."""
+    calls: list[str] = []
     original = SafetensorsWriter.write
 
     def failing_write(self, name, array):
@@ -275,6 +277,11 @@ def test_a_failure_midway_leaves_no_folder(seq_run, tmp_path, monkeypatch):
         original(self, name, array)
 
     monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    return calls
+
+
+def test_a_failure_midway_leaves_no_folder(seq_run, tmp_path, monkeypatch):
+    fail_third_write(monkeypatch)
     with pytest.raises(ExportError, match="No space left"):
         export_run(seq_run, tmp_path / "out", max_shard_bytes=1_000_000)
     assert not (tmp_path / "out").exists() and _no_leftovers(tmp_path / "out")

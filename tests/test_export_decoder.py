@@ -24,13 +24,14 @@ from jaxft.config import (
     OptimConfig,
     TrainConfig,
 )
-from jaxft.export import ExportError, SafetensorsWriter, architecture, export_run, plan_tensors
+from jaxft.export import ExportError, architecture, export_run, plan_tensors
 from jaxft.freeze import train_adapters_only
 from jaxft.models import build_abstract_model, gpt2_hf, llama_hf
 from jaxft.predict import load_run_model
 from jaxft.train import train
 from tests import test_gpt2_parity as gpt2_tests
 from tests import test_llama_parity as llama_tests
+from tests.test_export import fail_third_write
 from tests.test_lm_data import WORDS, _save_tokenizer
 
 VOCAB = 128  # the word-level test tokenizer has ~55 tokens
@@ -290,16 +291,7 @@ def test_adapter_of_a_run_that_also_trained_base_weights_is_refused(qwen2_lora_r
 
 
 def test_a_failure_midway_leaves_no_folder(qwen2_lora_run, tmp_path, monkeypatch):
-    calls = []
-    original = SafetensorsWriter.write
-
-    def failing_write(self, name, array):
-        calls.append(name)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        original(self, name, array)
-
-    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    calls = fail_third_write(monkeypatch)
     for kwargs in (dict(merged=True), dict(adapter=True)):
         calls.clear()
         with pytest.raises(ExportError, match="No space left"):
