@@ -8,7 +8,8 @@ plus XLA compile of the step), model_tflops_per_sec and mfu. FLOPs per token: a 
 6·N + 12·layers·seq·hidden (N = the parameters in matmuls, the LM head included, embeddings' lookups not); LoRA
 counts what it does: 4·N for the forward and input-gradient passes, 2·N_trainable for weight gradients, plus the
 same attention term. MFU divides by --peak-tflops, or else by the fp32 matmul rate this machine reaches on a
-2048² matmul measured in the same run (said in the output as peak_source).
+2048² matmul measured in the same run (said in the output as peak_source). Like `jaxft train`, it first sets
+glibc malloc up for XLA:CPU (--no-host-malloc-tuning: not; "host_malloc" in the output says which).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +164,12 @@ def run(args) -> dict:
     }
 
 
-def main() -> None:
+def main(host_malloc: str | None = None) -> None:
+    if host_malloc is None:  # run directly rather than through train_throughput.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from train_throughput import tune_host_malloc
+
+        host_malloc = tune_host_malloc()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
@@ -174,7 +182,7 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=0.0)
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    out = run(a)
+    out = {**run(a), "host_malloc": host_malloc}
     print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()), flush=True)
 
 

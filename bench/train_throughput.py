@@ -4,7 +4,9 @@
   python bench/train_throughput.py --model llama-tiny|gpt2-small [decoder_throughput.py's options]
 
 --frozen-layers N freezes the embeddings and encoder layers 0..N-1 (N=0: full fine-tune).
-Prints one JSON line: tokens_per_sec, step_ms (median), and the setup.
+Prints one JSON line: tokens_per_sec, step_ms (median), and the setup. Like `jaxft train`, it first sets
+glibc malloc up for XLA:CPU (jaxft/hostmem.py); --no-host-malloc-tuning leaves malloc as it is, and
+"host_malloc" in the output says which.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxft import compile, freeze, mesh, optim, pretrained
+from jaxft import compile, freeze, hostmem, mesh, optim, pretrained
 from jaxft.config import Config, MeshConfig, ModelConfig, OptimConfig
 from jaxft.sharding import replicated
 from jaxft.state import create_state, split_params
 from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
 
 
-def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, compute_dtype: str) -> dict:
+def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, compute_dtype: str, host_malloc: str) -> dict:
     cfg = Config(
         model=ModelConfig(source=model, compute_dtype=compute_dtype),
         mesh=MeshConfig(),
@@ -76,18 +78,28 @@ def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, comput
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "traces": step.traces,
+        "host_malloc": host_malloc,
     }
 
 
 DECODERS = ("llama-tiny", "gpt2-small")  # measured by decoder_throughput.py (tokens/s, MFU, compile time)
 
 
+def tune_host_malloc() -> str:
+    """hostmem's settings, as the CLI applies them, unless --no-host-malloc-tuning (taken out of sys.argv)."""
+    if "--no-host-malloc-tuning" in sys.argv:
+        sys.argv.remove("--no-host-malloc-tuning")
+        return "untouched: --no-host-malloc-tuning"
+    return hostmem.tune_malloc_for_xla_cpu()
+
+
 def main() -> None:
+    host_malloc = tune_host_malloc()
     if any(m in sys.argv[1:] for m in DECODERS) or any(a.split("=", 1)[-1] in DECODERS for a in sys.argv[1:]):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import decoder_throughput
 
-        return decoder_throughput.main()
+        return decoder_throughput.main(host_malloc)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
     p.add_argument("--batch", type=int, default=32)
@@ -97,7 +109,7 @@ def main() -> None:
     p.add_argument("--compute-dtype", default="float32")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    out = run(a.model, a.batch, a.seq, a.steps, a.frozen_layers, a.compute_dtype)
+    out = run(a.model, a.batch, a.seq, a.steps, a.frozen_layers, a.compute_dtype, host_malloc)
     print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()), flush=True)
 
 

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from jaxft import hostmem
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.checkpoint import RunCheckpointError
@@ -253,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     _quiet_libraries()
+    # Before anything starts JAX's CPU backend, whose worker threads pick their malloc arenas once.
+    logging.getLogger("jaxft").debug("host malloc: %s", hostmem.tune_malloc_for_xla_cpu())
     errors = _user_errors()
     try:
         if args.command == "train":
