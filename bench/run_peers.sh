@@ -17,7 +17,9 @@
 # stdout carries only the JSON lines (plus whatever EXTRA_CMD prints); pip and
 # framework logs go to stderr. BENCH_PEERS="hf-flax torch" picks the peers (default:
 # both; set but empty: none, only EXTRA_CMD). PYTHON picks the interpreter that creates
-# the venvs (default: python3).
+# the venvs (default: python3). BENCH_PEER_MALLOC=jaxft starts the peers with the glibc malloc
+# settings jaxft applies to itself (jaxft/hostmem.py), through glibc's environment variables, for a
+# like-for-like comparison; by default the peers run with glibc's defaults, as their users get them.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,15 +58,27 @@ ensure_venv() {
   cp "${reqs}" "${stamp}"
 }
 
+peer_env=()
+case ${BENCH_PEER_MALLOC:-} in
+  "") ;;
+  jaxft)
+    peer_env=(MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647 MALLOC_TOP_PAD_=2147483647)
+    ;;
+  *)
+    echo "run_peers: BENCH_PEER_MALLOC must be empty or 'jaxft', not '${BENCH_PEER_MALLOC}'" >&2
+    exit 2
+    ;;
+esac
+
 for peer in "${peers[@]}"; do
   case ${peer} in
     hf-flax)
       ensure_venv hf-flax bench/peers/requirements-hf-flax.txt
-      "${venvs}/hf-flax/bin/python" bench/peers/hf_flax_bert.py "${peer_args[@]}"
+      env "${peer_env[@]}" "${venvs}/hf-flax/bin/python" bench/peers/hf_flax_bert.py "${peer_args[@]}"
       ;;
     torch)
       ensure_venv torch bench/peers/requirements-torch.txt
-      "${venvs}/torch/bin/python" bench/peers/torch_bert.py "${peer_args[@]}"
+      env "${peer_env[@]}" "${venvs}/torch/bin/python" bench/peers/torch_bert.py "${peer_args[@]}"
       ;;
     *)
       echo "run_peers: unknown peer '${peer}' (known: hf-flax torch)" >&2
