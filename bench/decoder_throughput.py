@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxft import compile, freeze, mesh, models, optim, pretrained
+from jaxft import compile, freeze, hostmem, mesh, models, optim, pretrained
 from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig
 from jaxft.models.gpt2 import GPT2Spec
 from jaxft.models.llama import LlamaSpec
@@ -164,12 +162,7 @@ def run(args) -> dict:
     }
 
 
-def main(host_malloc: str | None = None) -> None:
-    if host_malloc is None:  # run directly rather than through train_throughput.py
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from train_throughput import tune_host_malloc
-
-        host_malloc = tune_host_malloc()
+def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
@@ -180,8 +173,11 @@ def main(host_malloc: str | None = None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=0.0)
+    p.add_argument("--no-host-malloc-tuning", action="store_true")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    # As the CLI does, before anything starts JAX's CPU backend (parsing arguments does not).
+    host_malloc = "untouched: --no-host-malloc-tuning" if a.no_host_malloc_tuning else hostmem.tune_malloc_for_xla_cpu()
     out = {**run(a), "host_malloc": host_malloc}
     print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()), flush=True)
 

@@ -85,21 +85,12 @@ def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, comput
 DECODERS = ("llama-tiny", "gpt2-small")  # measured by decoder_throughput.py (tokens/s, MFU, compile time)
 
 
-def tune_host_malloc() -> str:
-    """hostmem's settings, as the CLI applies them, unless --no-host-malloc-tuning (taken out of sys.argv)."""
-    if "--no-host-malloc-tuning" in sys.argv:
-        sys.argv.remove("--no-host-malloc-tuning")
-        return "untouched: --no-host-malloc-tuning"
-    return hostmem.tune_malloc_for_xla_cpu()
-
-
 def main() -> None:
-    host_malloc = tune_host_malloc()
     if any(m in sys.argv[1:] for m in DECODERS) or any(a.split("=", 1)[-1] in DECODERS for a in sys.argv[1:]):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import decoder_throughput
 
-        return decoder_throughput.main(host_malloc)
+        return decoder_throughput.main()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm")
     p.add_argument("--batch", type=int, default=32)
@@ -107,8 +98,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--frozen-layers", type=int, default=0)
     p.add_argument("--compute-dtype", default="float32")
+    p.add_argument("--no-host-malloc-tuning", action="store_true")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
+    # As the CLI does, before anything starts JAX's CPU backend (parsing arguments does not).
+    host_malloc = "untouched: --no-host-malloc-tuning" if a.no_host_malloc_tuning else hostmem.tune_malloc_for_xla_cpu()
     out = run(a.model, a.batch, a.seq, a.steps, a.frozen_layers, a.compute_dtype, host_malloc)
     print(json.dumps(out) if a.json else "\n".join(f"{k}: {v}" for k, v in out.items()), flush=True)
 
