@@ -19,32 +19,28 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxft import checkpoint, compile, mesh, optim, pretrained
-from jaxft.config import CheckpointConfig, Config, MeshConfig, ModelConfig, OptimConfig
-from jaxft.sharding import replicated
-from jaxft.state import create_state, split_params
-from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
+from jaxft import checkpoint, mesh
+from jaxft.config import CheckpointConfig, Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxft.setup import build_train_setup
 
 
 def build(model: str, batch: int, seq: int):
-    cfg = Config(model=ModelConfig(source=model), mesh=MeshConfig(), optim=OptimConfig(warmup_steps=0))
-    m = mesh.build_mesh(cfg.mesh)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, num_labels=2)
-    plan = build_freeze_plan(cfg, pre.params)
-    trainable, frozen = split_params((pre.graphdef, pre.params), set(plan.trainable_paths))
-    schedule = optim.build_schedule(cfg.optim, 1000)
-    tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
-    step = compile.jit_train_step(_configured_graphdef(pre, cfg), tx, schedule, 1, shardings_of(state), m)
+    cfg = Config(
+        model=ModelConfig(source=model),
+        mesh=MeshConfig(),
+        optim=OptimConfig(warmup_steps=0),
+        train=TrainConfig(max_steps=1000, batch_size=batch),
+    )
+    setup = build_train_setup(cfg, num_labels=2)
     rng = np.random.default_rng(0)
     host = {
-        "input_ids": rng.integers(1000, pre.spec.vocab_size, (batch, seq), dtype=np.int32),
+        "input_ids": rng.integers(1000, setup.skeleton.spec.vocab_size, (batch, seq), dtype=np.int32),
         "attention_mask": np.ones((batch, seq), np.int32),
         "token_type_ids": np.zeros((batch, seq), np.int32),
         "labels": rng.integers(0, 2, (batch,), dtype=np.int32),
         "weights": np.ones((batch,), np.float32),
     }
-    return state, step, mesh.make_global_batch(host, m)
+    return setup.state, setup.step, mesh.make_global_batch(host, setup.mesh)
 
 
 def state_bytes(state) -> int:

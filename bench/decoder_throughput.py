@@ -22,16 +22,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxft import compile, freeze, hostmem, mesh, models, optim, pretrained
-from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig
+from jaxft import freeze, hostmem, mesh, setup
+from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxft.models.gpt2 import GPT2Spec
 from jaxft.models.llama import LlamaSpec
 from jaxft.paths import path_str
-from jaxft.sharding import replicated
-from jaxft.state import create_state, split_params
-from jaxft.train import _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
 
 
 def make_spec(name: str, layers: int, scan: bool):
@@ -87,27 +83,17 @@ def run(args) -> dict:
     lora_cfg = LoraConfig(rank=args.lora_rank, targets=targets)
     rules = tuple(freeze.train_adapters_only()) if args.lora_rank else ((r".*", "train"),)
     cfg = Config(
-        model=ModelConfig(task="causal-lm", scan_layers=not args.no_scan),
+        model=ModelConfig(task="causal-lm", scan_layers=not args.no_scan, remat=args.remat),
         lora=lora_cfg,
         freeze=FreezeConfig(rules=rules),
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant"),
         mesh=MeshConfig(),
+        train=TrainConfig(batch_size=args.batch),
     )
-    m = mesh.build_mesh(cfg.mesh)
-    adapters = pretrained.lora_spec(cfg.lora)
-    graphdef, abstract = models.build_abstract_model(spec, "float32", adapters)
-    shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
-    names = {path_str(p) for p, _ in abstract.flat_state()}
-    values = models.init_params(spec, "float32", names, shardings, 0, adapters)
-    params = nnx.from_flat_state({p: v.replace(values[path_str(p)]) for p, v in abstract.flat_state()})
-    plan = build_freeze_plan(cfg, params)
-    trainable, frozen = split_params((graphdef, params), set(plan.trainable_paths))
-    tx = optim.build_optimizer(cfg.optim, optim.build_schedule(cfg.optim, 100), lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
-    model = nnx.merge(graphdef, params).configure(jnp.float32, args.remat)
-    step = compile.jit_train_step(
-        nnx.split(model)[0], tx, optim.build_schedule(cfg.optim, 100), 1, shardings_of(state), m, "causal-lm"
-    )
+    skeleton = setup.skeleton_of(spec, cfg, setup.build_mesh(cfg))
+    params = setup.init_weights(skeleton, cfg.model.param_dtype)
+    built = setup.build_train_setup(cfg, skeleton=skeleton, params=params)
+    state, step, plan = built.state, built.step, built.plan
     rng = np.random.default_rng(0)
     b, L = args.batch, args.seq
     host = {
@@ -116,7 +102,7 @@ def run(args) -> dict:
         "segment_ids": np.ones((b, L), np.int32),
         "positions": np.tile(np.arange(L, dtype=np.int32), (b, 1)),
     }
-    data = mesh.make_global_batch(host, m)
+    data = mesh.make_global_batch(host, built.mesh)
     t = time.perf_counter()
     step.lower(state, data).compile()
     compile_s = time.perf_counter() - t

@@ -80,18 +80,18 @@ def _reset_peak() -> None:
 def measure(run_dir: Path, out_dir: Path) -> dict:
     """Runs export_run here, reading the peak RSS of the restore and of the write phase separately."""
     import jaxft.export as export
-    from jaxft.predict import load_run_model
+    from jaxft.run_dir import restore_run
 
     figures: dict[str, int] = {}
 
     def timed_load(*args, **kwargs):
-        loaded = load_run_model(*args, **kwargs)
+        loaded = restore_run(*args, **kwargs)
         figures["restore_peak_rss_bytes"] = _status("VmHWM")
         figures["rss_after_restore_bytes"] = _status("VmRSS")
         _reset_peak()
         return loaded
 
-    export.load_run_model = timed_load  # a bench-only hook between the restore and the writes
+    export.restore_run = timed_load  # a bench-only hook between the restore and the writes
     figures["rss_before_export_bytes"] = _status("VmRSS")
     _reset_peak()
     export.export_run(run_dir, out_dir)

@@ -21,38 +21,31 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxft import compile, freeze, hostmem, mesh, optim, pretrained
-from jaxft.config import Config, MeshConfig, ModelConfig, OptimConfig
-from jaxft.sharding import replicated
-from jaxft.state import create_state, split_params
-from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
+from jaxft import freeze, hostmem, mesh
+from jaxft.config import Config, FreezeConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxft.setup import build_train_setup
 
 
 def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, compute_dtype: str, host_malloc: str) -> dict:
+    rules = freeze.freeze_embeddings_and_first_layers(frozen_layers) if frozen_layers else [(r".*", "train")]
     cfg = Config(
         model=ModelConfig(source=model, compute_dtype=compute_dtype),
         mesh=MeshConfig(),
+        freeze=FreezeConfig(rules=tuple(rules)),
         optim=OptimConfig(learning_rate=2e-5, warmup_steps=0, schedule="constant"),
+        train=TrainConfig(max_steps=steps, batch_size=batch),
     )
-    rules = freeze.freeze_embeddings_and_first_layers(frozen_layers) if frozen_layers else [(r".*", "train")]
-    cfg = cfg.replace(freeze=type(cfg.freeze)(rules=tuple(rules)))
-    m = mesh.build_mesh(cfg.mesh)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, num_labels=2)
-    plan = build_freeze_plan(cfg, pre.params)
-    trainable, frozen = split_params((pre.graphdef, pre.params), set(plan.trainable_paths))
-    schedule = optim.build_schedule(cfg.optim, steps)
-    tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
-    step = compile.jit_train_step(_configured_graphdef(pre, cfg), tx, schedule, 1, shardings_of(state), m)
+    setup = build_train_setup(cfg, num_labels=2)
+    state, step, plan = setup.state, setup.step, setup.plan
     rng = np.random.default_rng(0)
     host = {
-        "input_ids": rng.integers(1000, pre.spec.vocab_size, (batch, seq), dtype=np.int32),
+        "input_ids": rng.integers(1000, setup.skeleton.spec.vocab_size, (batch, seq), dtype=np.int32),
         "attention_mask": np.ones((batch, seq), np.int32),
         "token_type_ids": np.zeros((batch, seq), np.int32),
         "labels": rng.integers(0, 2, (batch,), dtype=np.int32),
         "weights": np.ones((batch,), np.float32),
     }
-    data = mesh.make_global_batch(host, m)
+    data = mesh.make_global_batch(host, setup.mesh)
     for _ in range(2):  # compile + one warm step, excluded
         state, metrics = step(state, data)
     jax.block_until_ready(metrics)

@@ -8,31 +8,24 @@ Run (the checkpoint as a local folder, or a hub id where the hub is reachable):
       data.train_files=my_train.jsonl data.eval_files=my_eval.jsonl
 """
 
-import dataclasses as dc
-import importlib.util
 from pathlib import Path
 
-from jaxft.config import LoraConfig
+from jaxft.config import base
 from jaxft.freeze import train_adapters_only
 
-_spec = importlib.util.spec_from_file_location("base", Path(__file__).with_name("base.py"))
-_base = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_base)
-base = _base.config
 DEMO = Path(__file__).resolve().parent.parent / "jaxft" / "data" / "sft_demo"
 
-config = base.replace(
-    model=dc.replace(base.model, source="Qwen/Qwen2.5-0.5B", task="causal-lm", frozen_dtype="bfloat16"),
-    lora=LoraConfig(rank=16, alpha=32.0, dropout=0.05, targets=(r".*(q|k|v|o)_proj",)),
-    freeze=dc.replace(base.freeze, rules=tuple(train_adapters_only())),
-    optim=dc.replace(base.optim, learning_rate=2e-4, warmup_steps=10, weight_decay=0.0),
-    train=dc.replace(base.train, max_steps=200, batch_size=8, eval_every_steps=50, eval_batch_size=8),
-    data=dc.replace(
-        base.data,
-        dataset="files",
-        train_files=(str(DEMO / "train.jsonl"),),
-        eval_files=(str(DEMO / "test.jsonl"),),
-        max_length=512,
-    ),
-    checkpoint=dc.replace(base.checkpoint, every_steps=50, save_frozen=False),
+config = base(
+    model={"source": "Qwen/Qwen2.5-0.5B", "task": "causal-lm", "frozen_dtype": "bfloat16"},
+    lora={"rank": 16, "alpha": 32.0, "dropout": 0.05, "targets": [r".*(q|k|v|o)_proj"]},
+    freeze={"rules": train_adapters_only()},
+    optim={"learning_rate": 2e-4, "warmup_steps": 10, "weight_decay": 0.0},
+    train={"max_steps": 200, "batch_size": 8, "eval_every_steps": 50, "eval_batch_size": 8},
+    data={
+        "dataset": "files",
+        "train_files": [str(DEMO / "train.jsonl")],
+        "eval_files": [str(DEMO / "test.jsonl")],
+        "max_length": 512,
+    },
+    checkpoint={"every_steps": 50, "save_frozen": False},
 )

@@ -1,5 +1,9 @@
-"""jaxft: fine-tune pretrained Hugging Face encoders in JAX/Flax NNX. Public API only."""
+"""jaxft: fine-tune pretrained Hugging Face models in JAX/Flax NNX. Public API only.
 
-from jaxft.pretrained import load
+`jaxft.load` is the function below; the checkpoint readers live in the module `jaxft.load` (import its names with
+`from jaxft.load import ...`).
+"""
+
+from jaxft.setup import load_model as load
 
 __all__ = ["load"]

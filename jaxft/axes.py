@@ -14,7 +14,7 @@ LABELS = "labels"
 NORM = "norm"  # layer-norm scale/bias
 POSITIONS = "positions"
 TYPES = "types"
-LAYERS = "layers"
-
-# Label of a position that carries no loss (padding, special tokens, sub-word continuations).
-IGNORE_LABEL = -100
+LAYERS = "layers"  # the stacked-layer axis of scanned decoders
+# Key/value heads under grouped-query attention: fewer than the query heads (HEADS), so a mesh rule may need to
+# treat them differently (a tensor axis larger than the kv head count must replicate them).
+KV_HEADS = "kv_heads"

@@ -8,6 +8,7 @@ says which checkpoints are complete and restores them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
 
+from jaxft import models
 from jaxft.config import CheckpointConfig
 from jaxft.state import TrainState
 
@@ -245,11 +247,19 @@ def read_meta(run_dir: Path, step: int) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: corrupted checkpoint metadata ({_root_cause(e)})") from None
-    kinds = {"config": dict, "spec": dict, "trainable_paths": list, "label_names": list}
-    bad = [k for k, kind in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
-    if bad:
-        raise CorruptCheckpointError(f"{path}: corrupted checkpoint metadata ({', '.join(bad)} missing or malformed)")
+    check_metadata(path, meta, "checkpoint metadata", CorruptCheckpointError)
     return meta
+
+
+# What every run's metadata holds (run.json, and a copy with each checkpoint), by the JSON type of each value.
+METADATA_FIELDS = {"config": dict, "spec": dict, "source": dict, "trainable_paths": list, "label_names": list}
+
+
+def check_metadata(path: Path, meta: Any, what: str, error: type[RunCheckpointError]) -> None:
+    """Raises `error` naming every field of a run's metadata that is missing or of the wrong type."""
+    bad = [k for k, kind in METADATA_FIELDS.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
+    if bad:
+        raise error(f"{path}: corrupted {what} ({', '.join(bad)} missing or malformed)")
 
 
 def read_data_state(run_dir: Path, step: int) -> dict[str, Any]:
@@ -266,12 +276,11 @@ def read_data_state(run_dir: Path, step: int) -> dict[str, Any]:
 def check_same_model(path: Path, saved_family: str, saved_spec: dict[str, Any], spec: Any) -> None:
     """The checkpoint must be of this model: the same family and architecture (a new head or dropout is the
     same model), and the same parameter layout (scanned or per-layer decoder layers)."""
-    from jaxft import models
-
     diffs = models.architecture_differences(saved_family, saved_spec, spec)
     if diffs:
         raise RunCheckpointError(f"{path}: checkpoint is from another model ({'; '.join(diffs)})")
-    scanned = getattr(spec, "scan_layers", None)
+    # Decoder specs say whether the layers are stacked (scanned) or one tensor each; encoders have one layout.
+    scanned = dataclasses.asdict(spec).get("scan_layers")
     if scanned is not None and saved_spec.get("scan_layers", scanned) != scanned:
         layout = {True: "scanned (model.scan_layers=true)", False: "per-layer (model.scan_layers=false)"}
         raise RunCheckpointError(

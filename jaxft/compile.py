@@ -1,4 +1,9 @@
-"""The only jax.jit of the steps: shardings in and out, state donation, and AOT lowering for `plan`."""
+"""The only jax.jit of the train, eval and predict steps: shardings in and out, state donation, and a trace count.
+
+`plan` lowers these same jitted callables ahead of time (`.lower(...)`). Generation's prefill and decode loop are
+jitted where they are defined, in generate.py: they take the model's parameters as plain arguments, need no
+shardings of their own and are not steps of a run. Initialisers (state.py, models) jit their one-off inits.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from jaxft.sharding import replicated
 from jaxft.state import TrainState
 
 
-class Traced:
+class CountingJit:
     """A jitted callable that counts how often Python traced it (tests assert it is once per run)."""
 
     def __init__(self, fn, **jit_kwargs):
@@ -48,7 +53,7 @@ def jit_train_step(
     state_shardings: TrainState,
     mesh: Mesh,
     task: str = "sequence-classification",
-) -> Traced:
+) -> CountingJit:
     fn = functools.partial(
         step_lib.train_step,
         graphdef=graphdef,  # static: the model's structure
@@ -57,7 +62,7 @@ def jit_train_step(
         microbatches=microbatches,  # static: shapes the scan
         task=task,  # static: the forward call and loss (step.TASKS)
     )
-    return Traced(
+    return CountingJit(
         fn,
         in_shardings=(
             state_shardings,  # the state stays where it lives: no resharding per step
@@ -68,16 +73,16 @@ def jit_train_step(
     )
 
 
-def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, task: str = "sequence-classification") -> Traced:
+def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, task: str = "sequence-classification") -> CountingJit:
     # Parameters arrive committed to their shardings; their partition into trainable/frozen changes with
     # gradual unfreezing, so it is not fixed here (a new partition retraces, a new step does not).
     fn = functools.partial(step_lib.eval_step, graphdef=graphdef, task=task)
-    return Traced(fn, out_shardings=replicated(mesh))
+    return CountingJit(fn, out_shardings=replicated(mesh))
 
 
-def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -> Traced:
+def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -> CountingJit:
     fn = functools.partial(step_lib.predict_step, graphdef=graphdef)
     fields = ("input_ids", "attention_mask", "token_type_ids")
-    return Traced(
+    return CountingJit(
         fn, in_shardings=(param_shardings, batch_shardings(mesh, fields)), out_shardings=mesh_lib.batch_sharding(mesh)
     )

@@ -1,4 +1,5 @@
-"""Frozen, sectioned run configuration: Python config files, dotted overrides, validation.
+"""Frozen, sectioned run configuration: Python config files, dotted overrides, validation, and which keys a resumed
+run may change.
 
 Owns what a run may be told and checks it; it must not import jax or build anything.
 """
@@ -12,13 +13,57 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from jaxft import axes
+
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; the message names the key."""
 
 
-# A freeze rule is (path regex, action) or (path regex, "train", lr multiplier).
-FreezeRule = tuple
+# Field metadata: a key that only changes what is logged or kept, where, or how the math is laid out on devices.
+# Any other key alters the result, and a resume with it changed is refused unless asked for (--allow-config-change).
+RESUMABLE = "resumable"
+
+
+def _resumable(default: Any) -> Any:
+    return dataclasses.field(default=default, metadata={RESUMABLE: True})
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeRule:
+    """Parameters whose '/'-joined path `pattern` fully matches are trained ("train") or frozen ("freeze"); trained
+    ones at `lr_multiplier` × the learning rate. Config files may write one as a tuple: (pattern, action) or
+    (pattern, "train", lr_multiplier)."""
+
+    pattern: str
+    action: str  # "train" | "freeze"
+    lr_multiplier: float = 1.0
+
+    @property
+    def trains(self) -> bool:
+        return self.action == "train"
+
+    @classmethod
+    def of(cls, i: int, rule: Any) -> FreezeRule:
+        """A rule from a FreezeRule or its tuple / list form; ConfigError naming freeze.rules[i] otherwise."""
+        if isinstance(rule, FreezeRule):
+            rule = rule.to_json()
+        ok = isinstance(rule, (tuple, list)) and len(rule) in (2, 3) and isinstance(rule[0], str)
+        if ok and len(rule) == 2:
+            ok = rule[1] in ("train", "freeze")
+        elif ok:
+            m = rule[2]
+            ok = rule[1] == "train" and isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0
+        if not ok:
+            shown = tuple(rule) if isinstance(rule, list) else rule
+            raise ConfigError(
+                f"freeze.rules[{i}]: {shown!r} is not (regex, 'train'|'freeze') or (regex, 'train', lr_multiplier>0)"
+            )
+        return cls(rule[0], rule[1], float(rule[2])) if len(rule) == 3 else cls(rule[0], rule[1])
+
+    def to_json(self) -> list[Any]:
+        """The tuple form as a list: [pattern, action], or [pattern, "train", lr_multiplier] when it is not 1."""
+        return [self.pattern, self.action] + ([self.lr_multiplier] if self.lr_multiplier != 1.0 else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +73,13 @@ class ModelConfig:
     num_labels: int = 0  # 0: take it from data.label_names
     param_dtype: str = "float32"
     compute_dtype: str = "float32"  # "bfloat16" computes in bf16 with fp32 params
-    remat: str = "none"  # recompute activations in the backward pass: none | full | dots_saveable | ...
+    remat: str = _resumable("none")  # recompute activations in the backward pass: none | full | dots_saveable | ...
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
     scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
     frozen_dtype: str = ""  # storage dtype of frozen parameters ("" = param_dtype; "bfloat16" halves a LoRA base)
     # Causal LM: the LM head and loss run over this many positions of each row at a time, recomputed in the
     # backward pass, so [batch, seq, vocab] logits never exist at once (large vocabularies). 0 = all at once.
-    logits_chunk: int = 0
+    logits_chunk: int = _resumable(0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,37 +97,47 @@ class LoadConfig:
     new_params: tuple[str, ...] = (r"classifier/.*",)
     # Checkpoint tensors that may be present but unused (e.g. a pretraining head).
     ignore_unused: tuple[str, ...] = (r"cls\..*", r"lm_head\..*", r".*position_ids")
+    # Record each pretrained file's sha256 with the run (a resume warns when they changed, and an adapter-only
+    # checkpoint refuses changed files). false skips hashing a checkpoint too big to read twice.
+    hash_files: bool = _resumable(True)
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1  # -1: all devices not used by the other axes
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = _resumable(-1)  # -1: all devices not used by the other axes
+    fsdp: int = _resumable(1)
+    tensor: int = _resumable(1)
     # Logical axis -> mesh axis (or None for replicated). First match wins.
-    rules: tuple[tuple[str, Any], ...] = (
-        ("batch", ("data", "fsdp")),
-        ("vocab", "tensor"),
-        ("embed", "fsdp"),
-        ("heads", "tensor"),
-        ("mlp", "tensor"),
-        ("kv", None),
-        ("seq", None),
-        ("labels", None),
-        ("norm", None),
-        ("positions", None),
-        ("types", None),
-        ("layers", None),  # the stacked-layer axis of scanned decoders
-        ("kv_heads", "tensor"),  # grouped-query attention's key/value heads
+    rules: tuple[tuple[str, Any], ...] = _resumable(
+        (
+            (axes.BATCH, ("data", "fsdp")),
+            (axes.VOCAB, "tensor"),
+            (axes.EMBED, "fsdp"),
+            (axes.HEADS, "tensor"),
+            (axes.MLP, "tensor"),
+            (axes.KV, None),
+            (axes.SEQ, None),
+            (axes.LABELS, None),
+            (axes.NORM, None),
+            (axes.POSITIONS, None),
+            (axes.TYPES, None),
+            (axes.LAYERS, None),  # the stacked-layer axis of scanned decoders
+            (axes.KV_HEADS, "tensor"),  # grouped-query attention's key/value heads
+        )
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class FreezeConfig:
-    # Ordered (path regex, action) rules; first match wins; every parameter must be covered.
-    rules: tuple[FreezeRule, ...] = ((r".*", "train"),)
+    # Ordered rules (FreezeRule, or its tuple form); first match wins; every parameter must be covered.
+    rules: tuple[FreezeRule, ...] = (FreezeRule(r".*", "train"),)
     # Gradual unfreezing: every K steps one more trainable layer group (top down) joins. 0 = off.
     unfreeze_every_steps: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.rules, (tuple, list)):
+            raise ConfigError(f"freeze.rules: expected a list of rules, got {self.rules!r}")
+        object.__setattr__(self, "rules", tuple(FreezeRule.of(i, r) for i, r in enumerate(self.rules)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,12 +161,12 @@ class TrainConfig:
     batch_size: int = 32  # global, across all processes and devices
     grad_accum_steps: int = 1  # microbatches inside one step
     seed: int = 0
-    log_every_steps: int = 10
-    eval_every_steps: int = 50  # 0: only at the end
-    eval_batch_size: int = 64
+    log_every_steps: int = _resumable(10)
+    eval_every_steps: int = _resumable(50)  # 0: only at the end
+    eval_batch_size: int = _resumable(64)
     nonfinite: str = "halt"  # a non-finite loss/gradient: "halt" the run, or "skip" the update and go on
     max_nonfinite_steps: int = 10  # skip mode: halt after this many non-finite steps in a row
-    sample_max_new_tokens: int = 32  # causal-lm: new tokens per data.sample_prompts completion at each eval
+    sample_max_new_tokens: int = _resumable(32)  # causal-lm: new tokens per data.sample_prompts completion at each eval
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +175,13 @@ class DataConfig:
     dataset: str = "reviews"
     data_dir: str = ""  # tfds data_dir ("" = RUN_DIR/tfds for files/reviews, tfds default otherwise)
     train_files: tuple[str, ...] = ()
-    eval_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = _resumable(())
     text_column: str = "text"
     text_pair_column: str = ""
     label_column: str = "label"
     label_names: tuple[str, ...] = ()  # () = read from the dataset's ClassLabel
     train_split: str = "train"
-    eval_split: str = "test"
+    eval_split: str = _resumable("test")
     max_length: int = 128
     shuffle_seed: int = 0
     # Decoder LLMs (model.task="causal-lm"): JSONL of {"prompt", "completion"}, chat {"messages": [...]}, or
@@ -140,19 +195,19 @@ class DataConfig:
     chat_template: str = ""  # Jinja chat template; "" = the tokenizer's own, or a simple built-in one if it has none
     # Causal-lm: at every eval, greedy completions of these prompts (rendered as training rendered prompts) are
     # appended to RUN_DIR/samples.jsonl. On the command line a JSON list, or comma-separated.
-    sample_prompts: tuple[str, ...] = ()
+    sample_prompts: tuple[str, ...] = _resumable(())
 
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = 100  # 0: only at the end
-    keep: int = 3  # the latest K checkpoints are kept ...
-    keep_best_metric: str = "eval_loss"  # ... plus the best by this eval metric ("" = none)
-    keep_best_mode: str = "auto"  # min | max | auto (min for *loss*, max otherwise)
-    async_save: bool = True
+    every_steps: int = _resumable(100)  # 0: only at the end
+    keep: int = _resumable(3)  # the latest K checkpoints are kept ...
+    keep_best_metric: str = _resumable("eval_loss")  # ... plus the best by this eval metric ("" = none)
+    keep_best_mode: str = _resumable("auto")  # min | max | auto (min for *loss*, max otherwise)
+    async_save: bool = _resumable(True)
     # False: checkpoints hold only the trained parameters (e.g. LoRA adapters) and their optimizer state; the
     # frozen ones are read back from the pretrained files, recorded by path and sha256, whenever it is restored.
-    save_frozen: bool = True
+    save_frozen: bool = _resumable(True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +224,14 @@ class Config:
 
     def replace(self, **sections: Any) -> Config:
         return dataclasses.replace(self, **sections)
+
+    def derive(self, **sections: dict[str, Any]) -> Config:
+        """This config with the named sections' fields replaced, e.g. derive(train={"max_steps": 10}); keys and
+        values are checked as command-line overrides are."""
+        for name, fields in sections.items():
+            if not isinstance(fields, dict):
+                raise ConfigError(f"{name}: expected a dict of {name} fields, got {fields!r}")
+        return apply_overrides(self, {f"{name}.{k}": v for name, fields in sections.items() for k, v in fields.items()})
 
 
 _CHOICES = {
@@ -313,25 +376,11 @@ def validate(cfg: Config) -> Config:
             f"train.batch_size: {cfg.train.batch_size} is not divisible by "
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
-    for i, rule in enumerate(cfg.freeze.rules):
-        _check_freeze_rule(i, rule)
     if cfg.lora.rank and not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.data.dataset == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.dataset='files'")
     return cfg
-
-
-def _check_freeze_rule(i: int, rule: Any) -> None:
-    ok = isinstance(rule, tuple) and len(rule) in (2, 3) and isinstance(rule[0], str)
-    if ok and len(rule) == 2:
-        ok = rule[1] in ("train", "freeze")
-    elif ok:
-        ok = rule[1] == "train" and isinstance(rule[2], (int, float)) and rule[2] > 0
-    if not ok:
-        raise ConfigError(
-            f"freeze.rules[{i}]: {rule!r} is not (regex, 'train'|'freeze') or (regex, 'train', lr_multiplier>0)"
-        )
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Config:
@@ -354,11 +403,20 @@ def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) ->
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as nested dicts; freeze rules in their tuple form, as config files write them."""
+    d = dataclasses.asdict(cfg)
+    d["freeze"]["rules"] = tuple(tuple(rule.to_json()) for rule in cfg.freeze.rules)
+    return d
+
+
+def to_json(cfg: Config) -> dict[str, Any]:
+    """to_dict() as JSON holds it (tuples as lists): what run.json and checkpoints record."""
+    return json.loads(json.dumps(to_dict(cfg), default=str))
 
 
 def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuilds a Config from to_dict() output (e.g. a run dir's config.json)."""
+    """Rebuilds a Config from to_dict() output (e.g. a run dir's config.json). A key that a run of an older jaxft
+    lacks had its default then; a key this jaxft no longer has is dropped."""
     sections = {}
     for section in dataclasses.fields(Config):
         cls = section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
@@ -377,12 +435,42 @@ def _from_json(v: Any) -> Any:
     return v
 
 
+def base(**sections: dict[str, Any]) -> Config:
+    """The base config every config derives from (jaxft's defaults), with the named sections' fields replaced:
+    `base(model={"source": "gpt2", "task": "causal-lm"}, train={"max_steps": 300})`. Each key and value is checked
+    as a command-line override is."""
+    return Config().derive(**sections)
+
+
+def resumable_keys() -> set[str]:
+    """'section.key' of every field marked resumable: a resumed run may change it without changing the result."""
+    return {
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(type(getattr(Config(), section.name)))
+        if f.metadata.get(RESUMABLE)
+    }
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that alters the math, of a checkpoint's recorded config
+    (to_json form) against `cfg`."""
+    before, now, resumable = to_json(from_dict(saved)), to_json(cfg), resumable_keys()
+    return [
+        (f"{section}.{key}", before[section][key], value)
+        for section, values in now.items()
+        for key, value in values.items()
+        if before[section][key] != value and f"{section}.{key}" not in resumable
+    ]
+
+
 __all__ = [
     "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",
     "FreezeConfig",
+    "FreezeRule",
     "LoadConfig",
     "LoraConfig",
     "MeshConfig",
@@ -390,8 +478,11 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "apply_overrides",
+    "base",
+    "config_changes",
     "from_dict",
     "load_config",
     "to_dict",
+    "to_json",
     "validate",
 ]

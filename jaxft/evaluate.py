@@ -14,9 +14,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxft import compile, mesh
+from jaxft import compile
+from jaxft import mesh as mesh_lib
 from jaxft.config import ConfigError, apply_overrides, from_dict, validate
 from jaxft.data import pipeline
+from jaxft.run_dir import restore_run
 
 
 def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
@@ -38,14 +40,14 @@ def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def build_evaluate(
-    eval_step: Callable, host_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None, m: Any
+    eval_step: Callable, host_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None, mesh: Any
 ) -> Callable[[Any, Any], dict[str, float]]:
     """evaluate(trainable, frozen) over every batch `host_batches()` yields; {} when there is no eval split."""
 
     def evaluate(trainable: Any, frozen: Any) -> dict[str, float]:
         if host_batches is None:
             return {}
-        pending = [eval_step(trainable, frozen, mesh.make_global_batch(b, m)) for b in host_batches()]
+        pending = [eval_step(trainable, frozen, mesh_lib.make_global_batch(b, mesh)) for b in host_batches()]
         totals: dict[str, Any] = {}
         for stats in jax.device_get(pending):  # one transfer after all batches are queued
             for k, v in stats.items():
@@ -88,19 +90,19 @@ def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: int):
 def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[str, Any], Path]:
     """Evaluates one checkpoint of a run on its eval split (or the one `data.*` overrides name) and
     writes RUN_DIR/eval-<step>.json."""
-    from jaxft.predict import load_run_model
-
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise ConfigError(f"{bad[0]!r}: jaxft eval takes only data.* overrides")
-    graphdef, params, meta, m, step = load_run_model(run_dir, step)
+    run = restore_run(run_dir, step)
+    graphdef, params, meta, mesh, step = run.graphdef, run.params, run.meta, run.mesh, run.step
     cfg = validate(apply_overrides(from_dict(meta["config"]), list(overrides)))
     if cfg.model.task == "causal-lm":  # the run's LM-head chunking: a big vocabulary's logits fit as in training
         graphdef = nnx.split(nnx.merge(graphdef, params).configure(logits_chunk=cfg.model.logits_chunk))[0]
-    batch_size = -(-cfg.train.eval_batch_size // mesh.data_parallel_size(m)) * mesh.data_parallel_size(m)
+    dp = mesh_lib.data_parallel_size(mesh)
+    batch_size = -(-cfg.train.eval_batch_size // dp) * dp
     folder = Path(meta["source"]["path"])
     batches = (lm_batches if cfg.model.task == "causal-lm" else labelled_batches)(cfg, meta, folder, batch_size)
-    evaluate = build_evaluate(compile.jit_eval_step(graphdef, m, cfg.model.task), batches, m)
+    evaluate = build_evaluate(compile.jit_eval_step(graphdef, mesh, cfg.model.task), batches, mesh)
     metrics = evaluate(params, type(params)({}))  # all parameters as one partition: eval has no split
     record = {"step": step, "dataset": cfg.data.dataset, "split": cfg.data.eval_split, **metrics}
     out = Path(run_dir) / f"eval-{step}.json"

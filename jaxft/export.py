@@ -28,20 +28,11 @@ import numpy as np
 from jaxft.checkpoint import RunCheckpointError
 from jaxft.config import from_dict
 from jaxft.load import CheckpointError
-from jaxft.models import (
-    BertSpec,
-    GPT2Spec,
-    LlamaSpec,
-    bert_hf,
-    family_for_spec,
-    gpt2_hf,
-    llama_hf,
-    lora,
-    spec_from_dict,
-)
-from jaxft.paths import matches_any, path_str
-from jaxft.predict import load_run_model, read_run
-from jaxft.safetensors_out import SafetensorsWriter, write_weights  # noqa: F401 (SafetensorsWriter: tests use it)
+from jaxft.models import Family, family_for_spec, lora
+from jaxft.models.hf_layout import Kind
+from jaxft.paths import path_str
+from jaxft.run_dir import read_run, restore_run
+from jaxft.safetensors_out import write_weights
 
 log = logging.getLogger("jaxft.export")
 
@@ -66,30 +57,6 @@ TOKENIZER_FILES = (
 )
 # A decoder's sampling defaults (eos ids, temperature) travel with the model, not with an adapter.
 GENERATION_FILES = ("generation_config.json",)
-
-# model_type -> (transformers class name stem, prefix of the body's keys in the task class). Every RoBERTa
-# variant's task class keeps its encoder in `self.roberta` (base_model_prefix "roberta"), whatever the model_type;
-# the Llama family's causal-LM classes keep theirs in `self.model` (whose "model." the key table writes itself).
-ARCHITECTURES = {
-    "bert": ("Bert", "bert."),
-    "roberta": ("Roberta", "roberta."),
-    "xlm-roberta": ("XLMRoberta", "roberta."),
-    "camembert": ("Camembert", "roberta."),
-    "llama": ("Llama", ""),
-    "mistral": ("Mistral", ""),
-    "qwen2": ("Qwen2", ""),
-    "qwen3": ("Qwen3", ""),
-    "gemma": ("Gemma", ""),
-    "gemma2": ("Gemma2", ""),
-    "gemma3_text": ("Gemma3", ""),
-    "gpt2": ("GPT2", gpt2_hf.BODY_PREFIX),
-}
-TASK_CLASSES = {
-    "sequence-classification": "ForSequenceClassification",
-    "token-classification": "ForTokenClassification",
-    "causal-lm": "ForCausalLM",
-}
-CLASS_NAMES = {("gpt2", "causal-lm"): "GPT2LMHeadModel"}  # the one class that breaks the naming pattern
 
 # PEFT's file names, and the prefix of its saved keys (PeftModel.base_model.model is the transformers model).
 ADAPTER_CONFIG = "adapter_config.json"
@@ -116,7 +83,7 @@ class HFTensor:
 
     key: str
     path: str
-    kind: str  # a bert_hf layout kind (copy, flat, linear1, linear2, conv1, conv2)
+    kind: Kind  # how the parameter (or one layer of it) is laid out as this tensor
     shape: tuple[int, ...]
     dtype: np.dtype
     layer: int | None = None  # its index on the stacked `layers` axis of a scanned parameter
@@ -159,10 +126,10 @@ def export_run(
     _on_process0(lambda: check_out_dir(out_dir))
     try:
         check_lora_mode(run_dir, read_run(run_dir), merged, adapter)
-        _, params, meta, _, step = load_run_model(run_dir, step)
+        run = restore_run(run_dir, step)
     except (RunCheckpointError, CheckpointError) as e:  # CheckpointError: an adapter run's base files changed
         raise ExportError(str(e)) from e
-    spec = spec_from_dict(meta.get("family", "bert"), meta["spec"])
+    params, meta, spec, step = run.params, run.meta, run.spec, run.step
     model_type = meta["hf_config"].get("model_type", "")
     source = Path(meta["source"]["path"])
     if adapter:
@@ -175,7 +142,7 @@ def export_run(
         scale = lora_scale(meta) if merged else None
         tensors = plan_tensors(params, spec, model_type, DTYPES[dtype], run_dir, fold_scale=scale)
         config = make_hf_config(meta, spec, dtype)
-        decoder = not isinstance(spec, BertSpec)
+        decoder = family_for_spec(spec).is_decoder
         layout = dict(copied=TOKENIZER_FILES + (GENERATION_FILES if decoder else ()))
     arrays = iter_hf_arrays(params, tensors)
     _on_process0(
@@ -198,7 +165,7 @@ def check_lora_mode(run_dir: Path, meta: dict[str, Any], merged: bool, adapter: 
         flag = "--merged" if merged else "--adapter"
         raise ExportError(f"{run_dir}: {flag} exports LoRA adapters, and this run has none (lora.rank=0)")
     if adapter:
-        trained = [p for p in meta.get("trainable_paths", ()) if not matches_any(p, (lora.ADAPTER_PARAMS,))]
+        trained = [p for p in meta.get("trainable_paths", ()) if not lora.is_adapter(p)]
         if trained:
             shown = ", ".join(trained[:4]) + (f" (+{len(trained) - 4} more)" if len(trained) > 4 else "")
             raise ExportError(
@@ -257,33 +224,35 @@ def plan_tensors(
 ) -> list[HFTensor]:
     """The HF tensors to write, in parameter order (a stacked parameter's layers in turn); every key the HF class
     holds must be among them. With `fold_scale`, each LoRA adapter is folded into its kernel (W + scale·A·B)."""
-    prefix = body_prefix(model_type, run_dir)
     family = family_for_spec(spec)
+    prefix = export_prefix(family, model_type, run_dir)
     flat = {path_str(p): var for p, var in params.flat_state()}
-    adapters = {p for p in flat if matches_any(p, (lora.ADAPTER_PARAMS,))}
+    adapted = {lora.adapted_kernel(p) for p in flat if lora.is_adapter(p)}
     tensors, problems = [], []
     for path, var in flat.items():
-        if path in adapters and fold_scale is not None:
+        if lora.is_adapter(path) and fold_scale is not None:
             continue  # folded into its kernel
         entry = family.hf_entry(path, spec, prefix)
         if entry is None:
             problems.append(f"{path} has no HF key")
             continue
-        module = path.rpartition("/")[0]
         fold = None
-        if fold_scale is not None and path == f"{module}/kernel" and f"{module}/lora_a" in adapters:
-            fold = Fold(f"{module}/lora_a", f"{module}/lora_b", fold_scale)
+        if fold_scale is not None and path in adapted:
+            a, b = lora.adapter_paths(path)
+            fold = Fold(a, b, fold_scale)
         src = np.dtype(var.get_value().dtype)
         out = dtype if jnp.issubdtype(src, jnp.floating) else src  # only float tensors take --dtype
-        shape = llama_hf.hf_shape(entry, tuple(var.shape))
+        shape = entry.hf_shape(tuple(var.shape))
         layers = range(len(entry.keys)) if entry.stacked else (None,)
         tensors += [HFTensor(key, path, entry.kind, shape, out, i, fold) for key, i in zip(entry.keys, layers)]
     have = {t.key for t in tensors}
-    needed = hf_state_keys(spec, prefix)
+    needed = family.hf_state_keys(spec, prefix)
     problems += [f"the HF class needs {k}, which the run has no parameter for" for k in sorted(needed - have)]
     problems += [f"{k} is not a tensor of the HF class" for k in sorted(have - needed)]
     if problems:
-        raise ExportError(f"{run_dir}: cannot export as {architecture(spec, model_type)}: " + "; ".join(problems))
+        raise ExportError(
+            f"{run_dir}: cannot export as {family.hf_class_name(spec, model_type)}: " + "; ".join(problems)
+        )
     return tensors
 
 
@@ -297,116 +266,54 @@ def plan_adapter_tensors(
     dims flatten in C order into the HF weight's in and out, so A [in..., r] and B [r, out...] take the kernel
     kinds' own flattening (GPT-2's fused B [r, 3, N, H] becomes c_attn's [3*N*H] outputs, q then k then v).
     """
-    prefix = body_prefix(model_type, run_dir)
     family = family_for_spec(spec)
-    tensors, modules, layer_kinds, problems = [], [], set(), []
+    prefix = export_prefix(family, model_type, run_dir)
+    tensors, modules, layer_types, problems = [], [], set(), []
     for p, var in params.flat_state():
         path = path_str(p)
-        if not matches_any(path, (lora.ADAPTER_PARAMS,)):
+        if not lora.is_adapter(path):
             continue
-        module, _, name = path.rpartition("/")
-        entry = family.hf_entry(f"{module}/kernel", spec, prefix)
-        if entry is None or not entry.kind.startswith(("linear", "conv")):
+        is_a = path == lora.adapter_paths(lora.adapted_kernel(path))[0]
+        entry = family.hf_entry(lora.adapted_kernel(path), spec, prefix)
+        if entry is None or not entry.kind.is_matrix:
             problems.append(f"{path} sits on no HF linear layer")
             continue
         shape = tuple(var.shape)[1:] if entry.stacked else tuple(var.shape)
-        kind = f"linear{len(shape) - 1}" if name == "lora_a" else "linear1"  # A has in... dims, B has one (r)
-        part = "lora_A" if name == "lora_a" else "lora_B"
+        # A has the kernel's in... dims and r; B has r (one input dim) and the kernel's out... dims.
+        kind = Kind.LINEAR2 if is_a and len(shape) == 3 else Kind.LINEAR1
         layers = range(len(entry.keys)) if entry.stacked else (None,)
         for key, i in zip(entry.keys, layers):
             hf_module = key.removesuffix(".weight")
+            part = "lora_A" if is_a else "lora_B"
             tensors.append(
-                HFTensor(f"{PEFT_PREFIX}{hf_module}.{part}.weight", path, kind, bert_hf.hf_shape(kind, shape), dtype, i)
+                HFTensor(f"{PEFT_PREFIX}{hf_module}.{part}.weight", path, kind, kind.hf_shape(shape), dtype, i)
             )
-            modules += [hf_module] if name == "lora_a" else []
-        layer_kinds.add(entry.kind.rstrip("0123456789"))
-    if len(layer_kinds) > 1:
+            modules += [hf_module] if is_a else []
+        layer_types.add(entry.kind.layer_type)
+    if len(layer_types) > 1:
         problems.append("adapters on both Linear and Conv1D layers (PEFT's fan_in_fan_out is one setting)")
     if problems or not tensors:
         raise ExportError(f"{run_dir}: cannot export a PEFT adapter: " + ("; ".join(problems) or "no LoRA adapters"))
-    return tensors, sorted(modules), layer_kinds == {"conv"}
+    return tensors, sorted(modules), layer_types == {"conv"}
 
 
-def body_prefix(model_type: str, run_dir: Path) -> str:
-    if model_type not in ARCHITECTURES:
+def export_prefix(family: Family, model_type: str, run_dir: Path) -> str:
+    """The prefix of the body's keys in the transformers class the run exports to."""
+    if model_type not in family.model_types:
         raise ExportError(f"{run_dir}: model_type {model_type!r} has no transformers class to export to")
-    return ARCHITECTURES[model_type][1]
-
-
-def _task(spec: Any) -> str:
-    return spec.task if isinstance(spec, BertSpec) else "causal-lm"  # the decoders have no other task
-
-
-def architecture(spec: Any, model_type: str) -> str:
-    task = _task(spec)
-    return CLASS_NAMES.get((model_type, task)) or ARCHITECTURES[model_type][0] + TASK_CLASSES[task]
-
-
-def hf_state_keys(spec: Any, prefix: str) -> set[str]:
-    """The state-dict keys of the transformers task class, written out from its modeling code rather than
-    derived from our key tables, so a parameter a table (or the model) lacks is caught here instead of being
-    left at random init by `from_pretrained`."""
-    if isinstance(spec, LlamaSpec):
-        return _llama_state_keys(spec)
-    if isinstance(spec, GPT2Spec):
-        return _gpt2_state_keys(spec, prefix)
-    return _encoder_state_keys(spec, prefix)
-
-
-def _encoder_state_keys(spec: BertSpec, prefix: str) -> set[str]:
-    """Bert*/Roberta* token classes and Roberta* sequence classes have no pooler; Roberta* sequence classes have
-    a two-layer head."""
-    w_b = ("weight", "bias")
-    embeddings = ["word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight"]
-    keys = {f"{prefix}embeddings.{n}" for n in embeddings} | {f"{prefix}embeddings.LayerNorm.{w}" for w in w_b}
-    modules = [f"attention.self.{m}" for m in ("query", "key", "value")] + [
-        "attention.output.dense",
-        "attention.output.LayerNorm",
-        "intermediate.dense",
-        "output.dense",
-        "output.LayerNorm",
-    ]
-    keys |= {f"{prefix}encoder.layer.{i}.{m}.{w}" for i in range(spec.num_layers) for m in modules for w in w_b}
-    sequence = spec.task == "sequence-classification"
-    if sequence and spec.family == "bert":
-        keys |= {f"{prefix}pooler.dense.{w}" for w in w_b}
-    heads = ("classifier.dense", "classifier.out_proj") if sequence and spec.family == "roberta" else ("classifier",)
-    return keys | {f"{h}.{w}" for h in heads for w in w_b}
-
-
-def _llama_state_keys(spec: LlamaSpec) -> set[str]:
-    """LlamaForCausalLM and its Mistral / Qwen2 / Qwen3 / Gemma siblings: biases, q/k norms and Gemma 2/3's
-    sandwich norms where the config has them; a tied lm_head is the embedding, not a tensor of its own."""
-    attn = [f"self_attn.{m}_proj.weight" for m in "qkvo"] + [f"self_attn.{m}_proj.bias" for m in "qkv" if spec.qkv_bias]
-    attn += ["self_attn.o_proj.bias"] if spec.o_bias else []
-    attn += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if spec.qk_norm else []
-    mlp_params = ("weight", "bias") if spec.mlp_bias else ("weight",)
-    mlp = [f"mlp.{m}_proj.{w}" for m in ("gate", "up", "down") for w in mlp_params]
-    layer = attn + mlp + ["input_layernorm.weight", "post_attention_layernorm.weight"]
-    layer += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"] if spec.sandwich_norms else []
-    keys = {"model.embed_tokens.weight", "model.norm.weight"} | (
-        set() if spec.tie_word_embeddings else {"lm_head.weight"}
-    )
-    return keys | {f"model.layers.{i}.{name}" for i in range(spec.num_layers) for name in layer}
-
-
-def _gpt2_state_keys(spec: GPT2Spec, prefix: str) -> set[str]:
-    """GPT2LMHeadModel: LayerNorms and Conv1D projections with biases; its lm_head is always tied to wte."""
-    w_b = ("weight", "bias")
-    modules = ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    keys = {f"{prefix}wte.weight", f"{prefix}wpe.weight"} | {f"{prefix}ln_f.{w}" for w in w_b}
-    return keys | {f"{prefix}h.{i}.{m}.{w}" for i in range(spec.num_layers) for m in modules for w in w_b}
+    return family.export_prefix(model_type)
 
 
 def make_hf_config(meta: dict[str, Any], spec: Any, dtype: str) -> dict[str, Any]:
     """The pretrained config.json with this run's task class and dtype (and a classifier's labels)."""
     config = dict(meta["hf_config"])
+    family = family_for_spec(spec)
     config.update(
-        architectures=[architecture(spec, config["model_type"])],
+        architectures=[family.hf_class_name(spec, config["model_type"])],
         dtype=dtype,
         torch_dtype=dtype,  # what transformers v4 reads; v5 reads `dtype`
     )
-    if not isinstance(spec, BertSpec):
+    if family.is_decoder:
         return config
     labels = list(meta.get("label_names") or [f"LABEL_{i}" for i in range(spec.num_labels)])
     if len(labels) != spec.num_labels:
@@ -417,7 +324,7 @@ def make_hf_config(meta: dict[str, Any], spec: Any, dtype: str) -> dict[str, Any
         id2label={str(i): name for i, name in enumerate(labels)},
         label2id={name: i for i, name in enumerate(labels)},
     )
-    if spec.task == "sequence-classification":
+    if family.task_of(spec) == "sequence-classification":
         config["problem_type"] = "single_label_classification"  # jaxft trains a softmax head
     return config
 
@@ -471,7 +378,7 @@ def iter_hf_arrays(params: Any, tensors: list[HFTensor]) -> Iterator[tuple[str, 
     """(HF key, host array in HF layout and export dtype), one tensor at a time, in `tensors` order."""
     values = {path_str(p): var.get_value() for p, var in params.flat_state()}
     for t in tensors:
-        host = bert_hf.to_hf(t.kind, gather(device_tensor(values, t)))
+        host = t.kind.to_hf(gather(device_tensor(values, t)))
         yield t.key, host.astype(t.dtype, copy=False)
         del host  # before the next gather
 

@@ -19,6 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft import models
+from jaxft.config import from_dict
+from jaxft.run_dir import read_run, restore_run
+
 log = logging.getLogger("jaxft.generate")
 
 
@@ -122,9 +126,9 @@ def _decode_loop(
 # ---- the host side -----------------------------------------------------------------------------------------
 
 
-def max_positions_limit(spec: Any) -> int | None:
-    """The longest sequence a model can position: GPT-2's learned table; RoPE models have no hard limit."""
-    return spec.max_positions if getattr(spec, "model_type", "") == "gpt2" else None
+def position_limit(spec: Any) -> int | None:
+    """The longest sequence the model can position (GPT-2's learned table), or None (RoPE: no hard limit)."""
+    return models.family_for_spec(spec).position_limit(spec)
 
 
 def generate(
@@ -147,7 +151,7 @@ def generate(
     graphdef, params = nnx.split(model) if isinstance(model, nnx.Module) else model
     spec = nnx.merge(graphdef, params).spec
     longest = max(len(p) for p in prompts)
-    limit = max_positions_limit(spec)
+    limit = position_limit(spec)
     if limit is not None and longest + max_new_tokens > limit:
         raise GenerateError(
             f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's {limit} positions"
@@ -255,9 +259,7 @@ def generate_run(
     step: int | None = None,
 ) -> list[str]:
     """Completions of each prompt by a causal-lm run's checkpoint (the latest, or `step`), as text."""
-    from jaxft.config import from_dict
     from jaxft.data import lm
-    from jaxft.predict import load_run_model, read_run
 
     check_settings(max_new_tokens, Sampling(temperature, top_k, top_p))
     if not prompts:
@@ -266,35 +268,38 @@ def generate_run(
     task = meta["config"].get("model", {}).get("task")
     if task != "causal-lm":
         raise GenerateError(f"{run_dir}: generate needs a causal-lm run; this run is a {task} classifier")
-    graphdef, params, meta, m, _ = load_run_model(Path(run_dir), step)
+    run = restore_run(Path(run_dir), step)
+    meta = run.meta
     cfg = from_dict(meta["config"])
     folder = Path(meta["source"]["path"])
     encoder = lm.LMEncoder(folder, cfg.data, int(meta["spec"]["vocab_size"]))
     ids = encode_prompts(encoder, prompts, meta.get("prompt_kind") or prompt_kind(cfg.data))
     eos = read_eos_ids(meta.get("hf_config") or {}, folder, encoder.tokenizer)
-    new = generate((graphdef, params), ids, max_new_tokens, temperature, top_k, top_p, seed, eos, mesh=m)
+    new = generate((run.graphdef, run.params), ids, max_new_tokens, temperature, top_k, top_p, seed, eos, mesh=run.mesh)
     return [encoder.tokenizer.decode(t, skip_special_tokens=True) for t in new]
 
 
 def with_samples(
     evaluate: Callable[[Any], dict[str, float]],
+    *,
     cfg: Any,
-    pre: Any,
+    skeleton: Any,
     graphdef: nnx.GraphDef,
     encoder: Any,
-    kind: str,
+    prompt_kind: str,
     run_dir: Path,
     mesh: Any,
 ) -> Callable[[Any], dict[str, float]]:
     """`evaluate(state)` that, for a causal-lm run with data.sample_prompts, also greedily completes each prompt
-    and appends {"step", "prompt", "completion"} lines to RUN_DIR/samples.jsonl (process 0 writes)."""
+    and appends {"step", "prompt", "completion"} lines to RUN_DIR/samples.jsonl (process 0 writes). `skeleton`
+    (a setup.ModelSkeleton) says where the tokenizer and generation config are; prompts render as `prompt_kind`."""
     prompts = tuple(cfg.data.sample_prompts)
     if not prompts or cfg.model.task != "causal-lm":
         return evaluate
-    ids = encode_prompts(encoder, prompts, kind)
-    eos = read_eos_ids(pre.hf_config, pre.folder, encoder.tokenizer)
+    ids = encode_prompts(encoder, prompts, prompt_kind)
+    eos = read_eos_ids(skeleton.hf_config, skeleton.folder, encoder.tokenizer)
     new_tokens = cfg.train.sample_max_new_tokens
-    limit = max_positions_limit(pre.spec)
+    limit = position_limit(skeleton.spec)
     if limit is not None and max(map(len, ids)) + new_tokens > limit:  # refused now, not at the first eval
         raise GenerateError(
             f"data.sample_prompts: a prompt of {max(map(len, ids))} tokens + train.sample_max_new_tokens="

@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxft import paths
-from jaxft.models import bert_hf, llama_hf
-from jaxft.models.llama_hf import HFEntry
+from jaxft.models.hf_layout import HFEntry, KeyRenames
 
 log = logging.getLogger("jaxft.load")
 
@@ -103,10 +102,14 @@ class TensorSource:
         return self._read(key)
 
 
-def open_checkpoint(folder: Path) -> TensorSource:
-    """Opens model.safetensors, a sharded safetensors index, or flax_model.msgpack, in that order."""
+NO_RENAMES = KeyRenames()
+
+
+def open_checkpoint(folder: Path, renames: KeyRenames = NO_RENAMES) -> TensorSource:
+    """Opens model.safetensors, a sharded safetensors index, or flax_model.msgpack, in that order; its keys are
+    given in the torch style of the family's key table (`renames`: how its older checkpoints differ)."""
     if (folder / "model.safetensors").is_file():
-        return _open_safetensors([folder / "model.safetensors"])
+        return _open_safetensors([folder / "model.safetensors"], renames)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -117,13 +120,13 @@ def open_checkpoint(folder: Path) -> TensorSource:
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"{f}: listed in {index.name} but missing")
-        return _open_safetensors(files)
+        return _open_safetensors(files, renames)
     if (folder / "flax_model.msgpack").is_file():
-        return _open_flax_msgpack(folder / "flax_model.msgpack")
+        return _open_flax_msgpack(folder / "flax_model.msgpack", renames)
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or flax_model.msgpack")
 
 
-def _open_safetensors(files: list[Path]) -> TensorSource:
+def _open_safetensors(files: list[Path], renames: KeyRenames) -> TensorSource:
     from safetensors import SafetensorError, safe_open
 
     handles, shapes, owner = {}, {}, {}
@@ -134,8 +137,8 @@ def _open_safetensors(files: list[Path]) -> TensorSource:
             keys = list(handle.keys())
             for k in keys:
                 sl = handle.get_slice(k)
-                shapes[bert_hf.normalize_key(k)] = tuple(sl.get_shape())
-                owner[bert_hf.normalize_key(k)] = (path, k)
+                shapes[renames.key(k)] = tuple(sl.get_shape())
+                owner[renames.key(k)] = (path, k)
             # safetensors checks the header; make sure the data region is really there too.
             end = _safetensors_data_end(path)
             if end > size:
@@ -165,7 +168,7 @@ def _safetensors_data_end(path: Path) -> int:
     return 8 + n + max(ends, default=0)
 
 
-def _open_flax_msgpack(path: Path) -> TensorSource:
+def _open_flax_msgpack(path: Path, renames: KeyRenames) -> TensorSource:
     """Legacy HF Flax weights: one msgpack tree with [in, out] kernels; renamed to torch-style keys."""
     from flax import serialization
 
@@ -175,14 +178,8 @@ def _open_flax_msgpack(path: Path) -> TensorSource:
         raise CheckpointError(f"{path}: not a readable Flax msgpack checkpoint ({type(e).__name__})") from None
     flat: dict[str, np.ndarray] = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        parts = [str(getattr(k, "key", k)) for k in key_path]
-        leaf = np.asarray(leaf)
-        name = parts[-1]
-        if name == "kernel":
-            leaf, name = np.ascontiguousarray(leaf.T), "weight"
-        elif name in ("scale", "embedding"):
-            name = "weight"
-        flat[".".join(parts[:-1] + [name])] = leaf
+        key, tensor = renames.flax_leaf([str(getattr(k, "key", k)) for k in key_path], np.asarray(leaf))
+        flat[key] = tensor
     return TensorSource({k: v.shape for k, v in flat.items()}, flat.__getitem__, [path])
 
 
@@ -224,7 +221,7 @@ def plan_merge(
         if entry is None:
             problems.append(f"{path}: no HF key in the table")
             continue
-        expected = llama_hf.hf_shape(entry, shape)
+        expected = entry.hf_shape(shape)
         missing = [k for k in entry.keys if k not in keys]
         if missing:
             if paths.matches_any(path, new_params):
@@ -272,35 +269,34 @@ def _place(entry: HFEntry, source: TensorSource, shape, sharding, dtype) -> jax.
     def block(index):
         if entry.stacked:
             read = lambda key: cache[key] if key in cache else cache.setdefault(key, source.get(key))
-            return llama_hf.to_jaxft_block(entry, read, shape, index).astype(dtype, copy=False)
+            return entry.to_jaxft_block(read, shape, index).astype(dtype, copy=False)
         if "" not in cache:  # one reshape/transpose per tensor, however many devices hold a block of it
-            cache[""] = llama_hf.to_jaxft(entry, [source.get(entry.keys[0])], shape).astype(dtype, copy=False)
+            cache[""] = entry.to_jaxft([source.get(entry.keys[0])], shape).astype(dtype, copy=False)
         return cache[""][index]
 
     return jax.make_array_from_callback(shape, sharding, block)
 
 
-def source_identity(folder: Path, source: TensorSource) -> dict[str, Any]:
-    return {"path": str(folder), "files": hash_files(source.files) if os.environ.get("JAXFT_HASH", "1") != "0" else {}}
+def source_identity(folder: Path, source: TensorSource, hashed: bool = True) -> dict[str, Any]:
+    """Where the pretrained weights came from: the folder, and each file's sha256 unless `hashed` is off
+    (load.hash_files=false, for a checkpoint too big to hash; a resume then cannot tell the files changed)."""
+    return {"path": str(folder), "files": hash_files(source.files) if hashed else {}}
 
 
-def load_pretrained(
-    folder: Path,
-    abstract_params: Any,
+def merge_checkpoint(
+    abstract_params: nnx.State,
     entry_of: Callable[[str], HFEntry | None],
     shardings: dict[str, jax.sharding.Sharding],
     new_params: tuple[str, ...],
     ignore_unused: tuple[str, ...],
     init_fresh: Callable[[set[str]], dict[str, jax.Array]],
-    source: TensorSource | None = None,
-) -> tuple[Any, dict[str, Any]]:
-    """Merges a checkpoint into the abstract parameter State: a State of sharded arrays, and the source identity.
+    source: TensorSource,
+) -> nnx.State:
+    """Merges a checkpoint into the abstract parameter State: a State of arrays, each in its sharding.
 
-    `init_fresh(paths)` makes initial values for parameters on `new_params` that the checkpoint lacks.
+    `entry_of(path)` names the HF tensor(s) behind a parameter; `init_fresh(paths)` makes initial values for
+    parameters on `new_params` that the checkpoint lacks.
     """
-    from flax import nnx
-
-    source = source or open_checkpoint(folder)
     flat = {paths.path_str(p): (p, v) for p, v in abstract_params.flat_state()}
     shapes = {name: tuple(v.shape) for name, (_, v) in flat.items()}
     dtypes = {name: v.dtype for name, (_, v) in flat.items()}
@@ -308,5 +304,4 @@ def load_pretrained(
     values = dict(iter_placed(plan, source, shapes, shardings, dtypes))
     fresh = init_fresh(set(shapes) - set(values))
     values.update({k: v.astype(dtypes[k]) for k, v in fresh.items()})  # e.g. a frozen fresh tensor kept in bf16
-    state = nnx.from_flat_state({p: v.replace(values[name]) for name, (p, v) in flat.items()})
-    return state, source_identity(folder, source)
+    return nnx.from_flat_state({p: v.replace(values[name]) for name, (p, v) in flat.items()})

@@ -1,6 +1,8 @@
-"""The host loop: dispatch steps, fetch metrics one step late, eval and save on cadence, progress output.
+"""The host loop: dispatch steps, fetch metrics one step late, eval and save on cadence, freeze phases, signals,
+progress output.
 
-It never computes on the host what the device can, and never blocks on step N before dispatching N+1.
+It never computes on the host what the device can, and never blocks on step N before dispatching N+1. It imports
+nothing from jaxft: everything it runs arrives as a hook.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
@@ -20,16 +22,31 @@ import numpy as np
 log = logging.getLogger("jaxft.loop")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class PhaseStep:
+    """The jitted train step of one freeze phase, and what the loop needs to say about it."""
+
+    run: Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
+    leaf_paths: tuple[str, ...]  # the trainable leaves in jax.tree.leaves order: names a non-finite gradient
+    layout: Any = None  # the phase's state layout, for enter_phase; opaque to the loop
+
+    @property
+    def traces(self) -> int:
+        return getattr(self.run, "traces", 0)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoopHooks:
     """What the loop calls; each is a small function built by train()."""
 
     next_batch: Callable[[], dict[str, jax.Array]]
-    train_step: Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]
+    phase_at: Callable[[int], Hashable]  # the freeze phase step index i trains in (a function of i alone)
+    build_step: Callable[[Hashable], PhaseStep]  # a phase's jitted step: built once per phase, then cached
     evaluate: Callable[[Any], dict[str, float]]
     save: Callable[[Any, dict[str, float] | None], None]
     write_metrics: Callable[[dict[str, Any]], None]
-    before_step: Callable[[Any, int], Any] = lambda state, step: state  # gradual unfreezing re-partitions here
+    # (state, the new phase's step, step index) -> the state moved into that phase's partition (gradual unfreezing)
+    enter_phase: Callable[[Any, PhaseStep, int], Any] = lambda state, phase_step, step: state
     should_stop: Callable[[int], str] = lambda step: ""  # a signal's name once a stop was requested
 
 
@@ -41,18 +58,19 @@ class NonFinitePolicy:
     """`halt`: stop at the first non-finite step. `skip`: the step already dropped its update; stop after
     `max_consecutive` in a row. Steps that hit it are counted in `skipped` (carried across resumes)."""
 
-    def __init__(self, mode: str, max_consecutive: int, leaf_paths: Callable[[], list[str]], skipped: int = 0):
-        self.mode, self.max_consecutive, self.leaf_paths = mode, max_consecutive, leaf_paths
+    def __init__(self, mode: str, max_consecutive: int, skipped: int = 0):
+        self.mode, self.max_consecutive = mode, max_consecutive
         self.skipped, self.consecutive = skipped, 0
 
-    def observe(self, step: int, host: dict[str, float]) -> None:
+    def observe(self, step: int, host: dict[str, float], leaf_paths: Sequence[str]) -> None:
+        """Step `step`'s fetched metrics; `leaf_paths` name the trainable leaves of the phase it ran in."""
         if not host.get("nonfinite"):
             self.consecutive = 0
             return
         self.skipped += 1
         self.consecutive += 1
         leaf = int(host.get("nonfinite_leaf", -1))
-        where = f"first non-finite gradient: {self.leaf_paths()[leaf]}" if leaf >= 0 else "gradients finite"
+        where = f"first non-finite gradient: {leaf_paths[leaf]}" if leaf >= 0 else "gradients finite"
         what = f"step {step}: non-finite training (loss={host['loss']}, {where}); the update was not applied"
         if self.mode == "halt":
             raise NonFiniteError(f"{what}; halting (train.nonfinite=halt)")
@@ -158,11 +176,12 @@ class _Emitter:
         self.cadence, self.hooks, self.progress, self.nonfinite = cadence, hooks, progress, nonfinite
         self.last_time, self.last_step = time.perf_counter(), start_step
 
-    def emit(self, step: int, metrics: dict[str, jax.Array], extra: dict[str, float] | None = None) -> None:
+    def emit(self, ran: Ran, extra: dict[str, float] | None = None) -> None:
         # Every step's scalars are read (one step late) so a non-finite step is never missed.
-        host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-        self.nonfinite.observe(step, host)
-        if not (extra or _due(step, self.cadence.log_every, self.cadence.max_steps)):
+        step = ran.step
+        host = {k: float(np.asarray(v)) for k, v in jax.device_get(ran.metrics).items()}
+        self.nonfinite.observe(step, host, ran.leaf_paths)
+        if not (extra or is_due(step, self.cadence.log_every, self.cadence.max_steps)):
             return
         for k in ("tokens", "nonfinite", "nonfinite_leaf"):
             host.pop(k, None)
@@ -179,36 +198,54 @@ class _Emitter:
         self.last_time, self.last_step = time.perf_counter(), step
 
 
+@dataclasses.dataclass(frozen=True)
+class Ran:
+    """A dispatched step whose metrics are not fetched yet."""
+
+    step: int
+    metrics: dict[str, jax.Array]
+    leaf_paths: Sequence[str]
+
+
 @dataclasses.dataclass
 class LoopResult:
     state: Any
     eval_metrics: dict[str, float]
     stopped_by: str = ""  # a signal's name when the run stopped early (after saving)
+    traces: int = 0  # how often the train step was traced, over every phase
 
 
-def run_loop(state: Any, start_step: int, cadence: Cadence, hooks: LoopHooks, nonfinite: NonFinitePolicy) -> LoopResult:
-    """Runs steps start_step+1 … max_steps, or until a stop is requested (then saves that step)."""
+def run_loop(
+    state: Any, start_step: int, phase: Hashable, cadence: Cadence, hooks: LoopHooks, nonfinite: NonFinitePolicy
+) -> LoopResult:
+    """Runs steps start_step+1 … max_steps, or until a stop is requested (then saves that step). `phase` is the
+    freeze phase `state` is partitioned for; each step first moves the state into the phase of its index."""
     progress = Progress(start_step, cadence.max_steps)
     emitter = _Emitter(cadence, start_step, hooks, progress, nonfinite)
-    pending: tuple[int, dict[str, jax.Array]] | None = None
+    steps: dict[Hashable, PhaseStep] = {}  # every phase's jitted step, built when the phase is first reached
+    pending: Ran | None = None
     last_eval: dict[str, float] = {}
     stopped_by = ""
     try:
         for step in range(start_step + 1, cadence.max_steps + 1):
-            state = hooks.before_step(state, step - 1)
-            state, metrics = hooks.train_step(state, hooks.next_batch())
+            entering, phase = hooks.phase_at(step - 1) != phase, hooks.phase_at(step - 1)
+            if phase not in steps:
+                steps[phase] = hooks.build_step(phase)
+            if entering:
+                state = hooks.enter_phase(state, steps[phase], step - 1)
+            state, metrics = steps[phase].run(state, hooks.next_batch())
             # Fetch the previous step's metrics only now, after this step is queued: the device never idles.
             if pending is not None:
-                emitter.emit(*pending)
-            pending = (step, metrics)
+                emitter.emit(pending)
+            pending = Ran(step, metrics, steps[phase].leaf_paths)
             progress.advance()
             stopped_by = hooks.should_stop(step)
-            do_eval = _due(step, cadence.eval_every, cadence.max_steps)
-            do_save = _due(step, cadence.save_every, cadence.max_steps) or bool(stopped_by)
+            do_eval = is_due(step, cadence.eval_every, cadence.max_steps)
+            do_save = is_due(step, cadence.save_every, cadence.max_steps) or bool(stopped_by)
             if do_eval or do_save:
                 if do_eval:
                     last_eval = hooks.evaluate(state)
-                emitter.emit(step, metrics, last_eval if do_eval else None)  # a halting step is never saved
+                emitter.emit(pending, last_eval if do_eval else None)  # a halting step is never saved
                 pending = None
                 if do_save:
                     hooks.save(state, last_eval if do_eval else None)
@@ -220,8 +257,8 @@ def run_loop(state: Any, start_step: int, cadence: Cadence, hooks: LoopHooks, no
                 break
     finally:
         progress.close()
-    return LoopResult(state, last_eval, stopped_by)
+    return LoopResult(state, last_eval, stopped_by, sum(s.traces for s in steps.values()))
 
 
-def _due(step: int, every: int, max_steps: int) -> bool:
+def is_due(step: int, every: int, max_steps: int) -> bool:
     return step == max_steps or (every > 0 and step % every == 0)

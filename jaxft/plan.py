@@ -11,18 +11,18 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxft import freeze, mesh, models, optim, pretrained, sharding
+from jaxft import mesh as mesh_lib
+from jaxft import optim, setup
 from jaxft.config import Config
 from jaxft.data import pipeline
 from jaxft.paths import path_str
-from jaxft.state import split_params
 
 
-def _shard_bytes(shape, dtype, spec, m: Mesh) -> int:
+def _shard_bytes(shape, dtype, spec, mesh: Mesh) -> int:
     parts = 1
     for names in spec:
         for n in (names,) if isinstance(names, str) else (names or ()):
-            parts *= m.shape[n]
+            parts *= mesh.shape[n]
     return math.prod(shape) * np.dtype(dtype).itemsize // parts
 
 
@@ -35,46 +35,45 @@ def _fmt(n: float) -> str:
 
 
 def describe_plan(cfg: Config) -> str:
-    m = mesh.build_mesh(cfg.mesh)
+    """The table `jaxft plan` prints: every parameter's shape, dtype, sharding and freeze status, the freeze
+    report, and per-device bytes of parameters, gradients and optimizer state, laid out as `train` lays them."""
+    mesh = mesh_lib.build_mesh(cfg.mesh)
     if cfg.model.task == "causal-lm":
         labels: tuple[str, ...] = ()  # an LM's head is its vocabulary: no data needed to shape it
     else:
         labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
-    _, _, spec = pretrained.read_spec(cfg.model, len(labels))
-    _, abstract = models.build_abstract_model(spec, cfg.model.param_dtype, pretrained.lora_spec(cfg.lora))
-    specs = sharding.infer_param_specs(abstract, cfg.mesh.rules, m)
-    shapes = {path_str(p): tuple(v.shape) for p, v in abstract.flat_state()}
-    plan = freeze.build_freeze_plan(shapes, cfg.freeze.rules)
-    trainable_paths = set(plan.trainable_paths)
-    if cfg.model.frozen_dtype:  # frozen weights stored as training stores them
-        abstract = pretrained.cast_abstract(abstract, cfg.model.frozen_dtype, set(shapes) - trainable_paths)
+    folder, hf, spec = setup.read_spec(cfg.model, len(labels))
+    skeleton = setup.skeleton_of(spec, cfg, mesh, folder, hf)
+    plan = setup.build_freeze_plan(skeleton, cfg)
+    skeleton = setup.with_frozen_dtype(skeleton, cfg.model.frozen_dtype, plan.frozen_paths)
+    trainable_paths = frozenset(plan.trainable_paths)
+    specs = {name: s.spec for name, s in skeleton.param_shardings.items()}
     width = max(28, *(len(str(s)) for s in specs.values()))
     lines = [
-        f"mesh: data={m.shape['data']} fsdp={m.shape['fsdp']} tensor={m.shape['tensor']} ({m.devices.size} devices)",
+        f"mesh: data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']} "
+        f"({mesh.devices.size} devices)",
         "",
         f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<{width}} {'status':<10} rule",
     ]
     totals = {"params": 0, "grads": 0}
-    for p, v in abstract.flat_state():
+    for p, v in skeleton.abstract_params.flat_state():
         name = path_str(p)
         status = "train" if name in trainable_paths else "frozen"
         if name in trainable_paths and plan.lr_multiplier(name) != 1.0:
             status = f"train×{plan.lr_multiplier(name):g}"
-        nbytes = _shard_bytes(v.shape, v.dtype, specs[name], m)
+        nbytes = _shard_bytes(v.shape, v.dtype, specs[name], mesh)
         totals["params"] += nbytes
         totals["grads"] += nbytes if name in trainable_paths else 0
         lines.append(
             f"{name:<48} {list(v.shape)!s:<16} {v.dtype!s:<8} {specs[name]!s:<{width}} "
-            f"{status:<10} {plan.rule_of[name]}: {plan.rules[plan.rule_of[name]][0]}"
+            f"{status:<10} {plan.rule_of[name]}: {plan.rule_for(name).pattern}"
         )
-    trainable, _ = split_params((None, abstract), trainable_paths)
-    tx = optim.build_optimizer(cfg.optim, optim.build_schedule(cfg.optim, cfg.train.max_steps))
-    opt_abstract = jax.eval_shape(tx.init, trainable)
-    shardings = sharding.tree_shardings(trainable, sharding.named(specs, m))
-    opt_shardings = sharding.shard_like_params(opt_abstract, trainable, shardings, m)
+    layout = setup.abstract_state(
+        skeleton, plan, trainable_paths, cfg, optim.build_schedule(cfg.optim, cfg.train.max_steps)
+    )
     totals["optimizer"] = sum(
-        _shard_bytes(x.shape, x.dtype, s.spec, m)
-        for x, s in zip(jax.tree.leaves(opt_abstract), jax.tree.leaves(opt_shardings))
+        _shard_bytes(x.shape, x.dtype, s.spec, mesh)
+        for x, s in zip(jax.tree.leaves(layout.abstract.opt_state), jax.tree.leaves(layout.shardings.opt_state))
     )
     lines += ["", plan.report(), "", "per-device memory (largest shard per device):"]
     for k in ("params", "grads", "optimizer"):

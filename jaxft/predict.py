@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -11,52 +10,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxft import compile, mesh, models, pretrained
-from jaxft.checkpoint import RunCheckpointError, restore_params
-from jaxft.config import from_dict
+from jaxft import compile
+from jaxft import mesh as mesh_lib
 from jaxft.data.builders import DataError, read_records
-from jaxft.paths import path_str
-from jaxft.sharding import tree_shardings
-
-
-def read_run(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    if not path.is_file():
-        raise RunCheckpointError(f"{run_dir}: not a jaxft run dir (no run.json)")
-    try:
-        meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunCheckpointError(f"{path}: corrupted run metadata ({e})") from None
-    kinds = {"config": dict, "spec": dict, "source": dict, "label_names": list}
-    bad = [k for k, kind in kinds.items() if not isinstance(meta, dict) or not isinstance(meta.get(k), kind)]
-    if bad:
-        raise RunCheckpointError(f"{path}: corrupted run metadata ({', '.join(bad)} missing or malformed)")
-    return meta
-
-
-def load_run_model(run_dir: Path, step: int | None = None):
-    """(graphdef, params, meta, mesh, step) of a finished or running run, restored into shardings."""
-    meta = read_run(run_dir)
-    cfg = from_dict(meta["config"])
-    try:
-        m = mesh.build_mesh(cfg.mesh)
-    except mesh.MeshError:  # trained on another device count: data-parallel over what this host has
-        m = mesh.build_mesh(dataclasses.replace(cfg.mesh, data=-1, fsdp=1, tensor=1))
-    spec = models.spec_from_dict(meta.get("family", "bert"), meta["spec"])
-    adapters = pretrained.lora_spec(cfg.lora)
-    graphdef, abstract = models.build_abstract_model(spec, cfg.model.param_dtype, adapters)
-    if cfg.model.frozen_dtype:  # restored in the dtypes they were trained and saved in
-        frozen = {path_str(p) for p, _ in abstract.flat_state()} - set(meta.get("trainable_paths", ()))
-        abstract = pretrained.cast_abstract(abstract, cfg.model.frozen_dtype, frozen)
-    shardings = pretrained.infer_shardings(abstract, m, cfg.mesh.rules)
-    pre = pretrained.Pretrained(
-        Path(meta["source"]["path"]), meta["hf_config"], spec, graphdef, abstract, shardings, {}, adapters
-    )
-    load_frozen = lambda frozen_abstract, step_meta: pretrained.load_frozen(
-        pre, cfg.model, cfg.load, frozen_abstract, step_meta["source"]
-    )
-    params, _, step = restore_params(run_dir, abstract, tree_shardings(abstract, shardings), step, spec, load_frozen)
-    return graphdef, params, meta, m, step
+from jaxft.run_dir import read_run, restore_run
 
 
 def predict_file(
@@ -75,14 +32,15 @@ def predict_file(
             raise DataError(f'{input_path}:{i}: each line needs a string "text" field')
     if not records:
         raise DataError(f"{input_path}: no input lines")
-    graphdef, params, meta, m, _ = load_run_model(run_dir, step)
+    run = restore_run(run_dir, step)
+    params, meta, mesh = run.params, run.meta, run.mesh
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(meta["source"]["path"])
     max_length = meta["config"]["data"]["max_length"]
-    dp = mesh.data_parallel_size(m)
+    dp = mesh_lib.data_parallel_size(mesh)
     batch_size = -(-batch_size // dp) * dp
-    fn = compile.jit_predict_step(graphdef, jax.tree.map(lambda x: x.sharding, params), m)
+    fn = compile.jit_predict_step(run.graphdef, jax.tree.map(lambda x: x.sharding, params), mesh)
     labels = meta["label_names"]
     token_level = meta["spec"]["task"] == "token-classification"
     outputs = []
@@ -100,7 +58,7 @@ def predict_file(
             is_split_into_words=token_level,
         )
         batch = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        probs = np.asarray(jax.device_get(fn(params, mesh.make_global_batch(batch, m))))
+        probs = np.asarray(jax.device_get(fn(params, mesh_lib.make_global_batch(batch, mesh))))
         for i in range(len(texts)):
             outputs.append(
                 _word_outputs(enc.word_ids(i), probs[i], labels) if token_level else _output(probs[i], labels)

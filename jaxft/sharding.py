@@ -67,11 +67,11 @@ def infer_param_specs(abstract_params: nnx.State, rules, mesh: Mesh) -> dict[str
     return specs
 
 
-def named(specs: dict[str, PartitionSpec], mesh: Mesh) -> dict[str, NamedSharding]:
+def to_named_shardings(specs: dict[str, PartitionSpec], mesh: Mesh) -> dict[str, NamedSharding]:
     return {k: NamedSharding(mesh, s) for k, s in specs.items()}
 
 
-def tree_shardings(state: nnx.State, shardings_by_path: dict[str, NamedSharding]) -> nnx.State:
+def shardings_like(state: nnx.State, shardings_by_path: dict[str, NamedSharding]) -> nnx.State:
     """A State of the same structure with each leaf replaced by its sharding."""
     flat = {path: var.replace(shardings_by_path[paths.path_str(path)]) for path, var in state.flat_state()}
     return nnx.from_flat_state(flat)

@@ -1,11 +1,13 @@
-"""The train state pytree, its abstract (shape-only) twin, and its creation from loaded parameters.
+"""The train state pytree: its partition of the parameters into trainable and frozen, its creation, and the move of
+parameters between the partitions (gradual unfreezing).
 
-The state holds the trainable and frozen partitions separately, so only the trainable one is
-differentiated and only it has optimizer state.
+The state holds the two partitions separately, so only the trainable one is differentiated and only it has
+optimizer state. Which shapes and shardings a state has is setup.abstract_state's job.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import flax.struct
@@ -26,11 +28,8 @@ class TrainState:
     rng: jax.Array  # base dropout key; step keys are fold_in(rng, step), so a resume replays them exactly
 
 
-def split_params(
-    graphdef_and_params: tuple[nnx.GraphDef, nnx.State], trainable_paths: set[str]
-) -> tuple[nnx.State, nnx.State]:
-    """(trainable, frozen) partitions of a parameter State."""
-    _, params = graphdef_and_params
+def partition_params(params: nnx.State, trainable_paths: Collection[str]) -> tuple[nnx.State, nnx.State]:
+    """(trainable, frozen): the parameters whose '/'-joined path is in `trainable_paths`, and the rest."""
     flat = list(params.flat_state())
     trainable = {p: v for p, v in flat if paths.path_str(p) in trainable_paths}
     frozen = {p: v for p, v in flat if paths.path_str(p) not in trainable_paths}
@@ -41,48 +40,31 @@ def merge_params(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
     return nnx.merge_state(trainable, frozen)
 
 
-def create_state(
-    trainable: nnx.State,
-    frozen: nnx.State,
-    tx: optax.GradientTransformation,
-    seed: int,
-    opt_state_shardings: Any,
-    replicated: jax.sharding.Sharding,
+def trainable_paths(state: TrainState) -> list[str]:
+    """The '/'-joined paths of the parameters the state trains, sorted (as run metadata records them)."""
+    return sorted(paths.path_str(p) for p, _ in state.trainable.flat_state())
+
+
+def init_state(
+    trainable: nnx.State, frozen: nnx.State, tx: optax.GradientTransformation, seed: int, shardings: TrainState
 ) -> TrainState:
     """A fresh state: the optimizer state is created directly in its shardings, scalars replicated."""
-    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings)(trainable)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trainable)
     return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
         trainable=trainable,
         frozen=frozen,
         opt_state=opt_state,
-        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated),
-    )
-
-
-def abstract_opt_state(tx: optax.GradientTransformation, abstract_trainable: nnx.State) -> Any:
-    return jax.eval_shape(tx.init, abstract_trainable)
-
-
-def state_shardings(
-    state_like: TrainState,
-    trainable_shardings: nnx.State,
-    frozen_shardings: nnx.State,
-    opt_shardings: Any,
-    replicated: Any,
-) -> TrainState:
-    return TrainState(
-        step=replicated, trainable=trainable_shardings, frozen=frozen_shardings, opt_state=opt_shardings, rng=replicated
+        rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng),
     )
 
 
 def repartition(
-    state: TrainState, new_trainable_paths: set[str], tx: optax.GradientTransformation, opt_state_shardings: Any
+    state: TrainState, new_trainable_paths: Collection[str], tx: optax.GradientTransformation, opt_state_shardings: Any
 ) -> TrainState:
     """Moves parameters between partitions (gradual unfreezing). Parameters already training keep their
     optimizer statistics; newly trained ones start from a fresh optimizer state."""
-    all_params = merge_params(state.trainable, state.frozen)
-    trainable, frozen = split_params((None, all_params), new_trainable_paths)
+    trainable, frozen = partition_params(merge_params(state.trainable, state.frozen), new_trainable_paths)
     old_opt = state.opt_state
     new_opt = jax.jit(tx.init, out_shardings=opt_state_shardings)(trainable)
     old_def = jax.tree.structure(state.trainable)

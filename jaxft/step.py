@@ -14,10 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxft import axes
+from jaxft.data import IGNORE_LABEL
 from jaxft.state import TrainState
-
-IGNORE = axes.IGNORE_LABEL
 
 
 def classification_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
@@ -70,12 +68,12 @@ def next_token_stats(out: LMOutput, targets_BxT: jax.Array) -> tuple[jax.Array, 
 
 
 def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Weighted mean cross-entropy. Sequence labels are [B]; token labels [B, L] with IGNORE for no loss."""
+    """Weighted mean cross-entropy. Sequence labels are [B]; token labels [B, L] with IGNORE_LABEL for no loss."""
     labels = batch["labels"]
     weights = batch["weights"].astype(jnp.float32)
     if labels.ndim == 2:
-        weights = weights[:, None] * (labels != IGNORE)
-    safe = jnp.where(labels == IGNORE, 0, labels)
+        weights = weights[:, None] * (labels != IGNORE_LABEL)
+    safe = jnp.where(labels == IGNORE_LABEL, 0, labels)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
     count = weights.sum()
     correct = ((logits.argmax(-1) == safe) * weights).sum()
@@ -215,10 +213,10 @@ def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, ja
     labels = batch["labels"]
     weights = batch["weights"].astype(jnp.float32)
     if labels.ndim == 2:
-        weights = weights[:, None] * (labels != IGNORE)
+        weights = weights[:, None] * (labels != IGNORE_LABEL)
     num_classes = logits.shape[-1]
     pred_C = jax.nn.one_hot(logits.argmax(-1), num_classes) * weights[..., None]
-    true_C = jax.nn.one_hot(jnp.where(labels == IGNORE, 0, labels), num_classes) * weights[..., None]
+    true_C = jax.nn.one_hot(jnp.where(labels == IGNORE_LABEL, 0, labels), num_classes) * weights[..., None]
     axes_ = tuple(range(pred_C.ndim - 1))
     return {"tp": (pred_C * true_C).sum(axes_), "predicted": pred_C.sum(axes_), "true": true_C.sum(axes_)}
 

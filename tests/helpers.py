@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxft import compile, freeze, mesh, optim, pretrained
-from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig
-from jaxft.sharding import replicated
-from jaxft.state import create_state, split_params
-from jaxft.train import _configured_graphdef, _opt_shardings, build_freeze_plan, lr_multipliers, shardings_of
+from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from jaxft.setup import TrainSetup, build_train_setup
 
 
 def make_setup(
@@ -22,7 +19,7 @@ def make_setup(
     dropout_rate=-1.0,
     task="sequence-classification",
     lora=None,
-):
+) -> TrainSetup:
     cfg = Config(
         model=ModelConfig(
             source=str(folder), compute_dtype=compute_dtype, remat=remat, dropout_rate=dropout_rate, task=task
@@ -31,26 +28,9 @@ def make_setup(
         mesh=MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2]),
         freeze=FreezeConfig(rules=tuple(rules)),
         optim=optim_cfg or OptimConfig(learning_rate=1e-3, warmup_steps=0),
+        train=TrainConfig(grad_accum_steps=microbatches),
     )
-    m = mesh.build_mesh(cfg.mesh)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, num_labels=2, lora_cfg=cfg.lora)
-    plan = build_freeze_plan(cfg, pre.params)
-    trainable, frozen = split_params((pre.graphdef, pre.params), set(plan.trainable_paths))
-    schedule = optim.build_schedule(cfg.optim, 100)
-    tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, 0, _opt_shardings(tx, trainable, m), replicated(m))
-    graphdef = _configured_graphdef(pre, cfg)
-    step = compile.jit_train_step(graphdef, tx, schedule, microbatches, shardings_of(state), m, task)
-    return {
-        "cfg": cfg,
-        "mesh": m,
-        "pre": pre,
-        "plan": plan,
-        "state": state,
-        "step": step,
-        "tx": tx,
-        "graphdef": graphdef,
-    }
+    return build_train_setup(cfg, num_labels=2)
 
 
 def random_batch(batch=16, seq=12, seed=0, vocab=30522):
@@ -79,6 +59,3 @@ def random_lm_batch(batch=8, seq=12, seed=0, vocab=1000):
         "segment_ids": np.tile(segments, (batch, 1)),
         "positions": np.tile(positions, (batch, 1)),
     }
-
-
-__all__ = ["freeze", "make_setup", "random_batch", "random_lm_batch"]

@@ -89,22 +89,15 @@ DAMAGE = {
 def foreign_checkpoint(shared: dict, out: Path, overrides: list[str], num_labels: int) -> Path:
     """A step dir as jaxft saves it, of the shared config with `overrides` (another model or head), holding
     the freshly loaded state: built with the run's own save path, without compiling a train step."""
-    from jaxft import checkpoint, mesh, optim, pretrained
+    from jaxft import checkpoint
     from jaxft.config import load_config
-    from jaxft.sharding import replicated
-    from jaxft.state import create_state, split_params
-    from jaxft.train import _opt_shardings, build_freeze_plan, lr_multipliers, run_metadata
+    from jaxft.run_dir import run_metadata
+    from jaxft.setup import build_train_setup
 
     cfg = load_config(shared["config"], overrides)
-    m = mesh.build_mesh(cfg.mesh)
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, m, cfg.mesh.rules, num_labels)
-    plan = build_freeze_plan(cfg, pre.params)
-    active = set(plan.trainable_paths)
-    trainable, frozen = split_params((pre.graphdef, pre.params), active)
-    schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
-    tx = optim.build_optimizer(cfg.optim, schedule, lr_multipliers(plan, trainable))
-    state = create_state(trainable, frozen, tx, cfg.train.seed, _opt_shardings(tx, trainable, m), replicated(m))
-    meta = run_metadata(cfg, plan, pre, tuple(cfg.data.label_names or ("neg", "pos")), active)
+    s = build_train_setup(cfg, num_labels)
+    state, active = s.state, s.layout.trainable_paths
+    meta = run_metadata(cfg, s.plan, s.skeleton, tuple(cfg.data.label_names or ("neg", "pos")), active)
     saver = checkpoint.Saver(out, cfg.checkpoint)
     try:
         saver.save(state, {"process_states": [{}], "skipped_steps": 0}, meta)

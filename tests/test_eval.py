@@ -117,9 +117,10 @@ def one_line_error(args: list[str], capsys) -> str:
 
 
 def flat_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
-    from jaxft.predict import load_run_model
+    from jaxft.run_dir import restore_run
 
-    _, params, _, _, got = load_run_model(run_dir, step)
+    run = restore_run(run_dir, step)
+    params, got = run.params, run.step
     assert got == step
     return {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value())) for p, v in params.flat_state()}
 

@@ -23,9 +23,10 @@ from jaxft.config import (
     ModelConfig,
     TrainConfig,
 )
-from jaxft.export import ExportError, SafetensorsWriter, architecture, export_run, plan_tensors
-from jaxft.models import BertSpec, bert_hf, build_abstract_model
+from jaxft.export import ExportError, export_run, plan_tensors
+from jaxft.models import BertSpec, bert_hf, build_abstract_model, family_for_spec
 from jaxft.predict import predict_file
+from jaxft.safetensors_out import SafetensorsWriter
 from jaxft.train import train
 from tests.conftest import TOKENIZER_FILES, save_tiny
 
@@ -213,7 +214,7 @@ def test_planned_tensors_are_exactly_the_transformers_class_state_dict(model_typ
     _, abstract = build_abstract_model(spec)
     tensors = plan_tensors(abstract, spec, model_type, np.dtype(np.float32), Path("run"))
     assert {t.key: t.shape for t in tensors} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert architecture(spec, model_type) == type(model).__name__
+    assert family_for_spec(spec).hf_class_name(spec, model_type) == type(model).__name__
 
 
 def test_a_parameter_the_hf_class_lacks_is_an_error():

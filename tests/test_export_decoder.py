@@ -24,10 +24,10 @@ from jaxft.config import (
     OptimConfig,
     TrainConfig,
 )
-from jaxft.export import ExportError, architecture, export_run, plan_tensors
+from jaxft.export import ExportError, export_run, plan_tensors
 from jaxft.freeze import train_adapters_only
-from jaxft.models import build_abstract_model, gpt2_hf, llama_hf
-from jaxft.predict import load_run_model
+from jaxft.models import build_abstract_model, family_for_spec, gpt2_hf, llama_hf
+from jaxft.run_dir import restore_run
 from jaxft.train import train
 from tests import test_gpt2_parity as gpt2_tests
 from tests import test_llama_parity as llama_tests
@@ -94,7 +94,8 @@ IDS = np.random.default_rng(1).integers(3, VOCAB, (2, 10)).astype(np.int64)
 
 
 def _jaxft_logits(run_dir: Path) -> np.ndarray:
-    graphdef, params, _, _, _ = load_run_model(run_dir)
+    run = restore_run(run_dir)
+    graphdef, params = run.graphdef, run.params
     return np.asarray(nnx.merge(graphdef, params)(jnp.asarray(IDS, jnp.int32)))
 
 
@@ -214,14 +215,15 @@ def test_planned_tensors_are_exactly_the_transformers_class_state_dict(model_typ
     _, abstract = build_abstract_model(spec)
     tensors = plan_tensors(abstract, spec, model_type, np.dtype(np.float32), Path("run"))
     assert {t.key: t.shape for t in tensors} == expected
-    assert architecture(spec, model_type) == type(model).__name__
+    assert family_for_spec(spec).hf_class_name(spec, model_type) == type(model).__name__
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
 
 
 def test_lora_merged_over_a_bf16_frozen_base_equals_jaxft(qwen2_lora_run, tiny_qwen2, tmp_path):
-    _, params, _, _, _ = load_run_model(qwen2_lora_run)
+    run = restore_run(qwen2_lora_run)
+    params = run.params
     assert params["layers"][1]["self_attn"]["q_proj"]["kernel"].get_value().dtype == jnp.bfloat16
     assert np.abs(np.asarray(params["layers"][1]["mlp"]["down_proj"]["lora_b"].get_value())).max() > 1e-2
     out = export_run(qwen2_lora_run, tmp_path / "merged", merged=True)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft import freeze, mesh
+from jaxft import freeze, mesh, models
 from jaxft.paths import RuleError, path_str
 from tests.helpers import make_setup, random_batch
 
@@ -17,12 +17,12 @@ def _leaves(state_part):
 
 def test_frozen_bit_identical_trainable_changed_optimizer_sized_to_trainable(tiny_bert):
     s = make_setup(tiny_bert, (2, 4, 1), rules=RULES)
-    state = s["state"]
+    state = s.state
     before_frozen, before_train = _leaves(state.frozen), _leaves(state.trainable)
-    assert set(before_frozen) == {p for p in s["plan"].rule_of if not s["plan"].is_trainable(p)}
+    assert set(before_frozen) == {p for p in s.plan.rule_of if not s.plan.is_trainable(p)}
     assert all(p.startswith(("embeddings/", "encoder/layers/0/")) for p in before_frozen)
     for seed in range(3):
-        state, _ = s["step"](state, mesh.make_global_batch(random_batch(seed=seed), s["mesh"]))
+        state, _ = s.step(state, mesh.make_global_batch(random_batch(seed=seed), s.mesh))
     after_frozen, after_train = _leaves(state.frozen), _leaves(state.trainable)
     for p, v in before_frozen.items():
         np.testing.assert_array_equal(after_frozen[p], v, err_msg=p)
@@ -30,15 +30,15 @@ def test_frozen_bit_identical_trainable_changed_optimizer_sized_to_trainable(tin
     assert set(changed) == set(before_train)
     # Adam's mu and nu hold exactly the trainable elements, nothing for the frozen ones.
     opt_elems = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
-    assert opt_elems == 2 * s["plan"].count(True)
-    assert s["plan"].count(False) > s["plan"].count(True)
+    assert opt_elems == 2 * s.plan.count(True)
+    assert s.plan.count(False) > s.plan.count(True)
 
 
 def test_lr_multiplier_scales_updates(tiny_bert):
     rules = [(r"classifier/.*", "train", 0.0001), (r".*", "train")]
     s = make_setup(tiny_bert, (8, 1, 1), rules=rules)
-    state0 = _leaves(s["state"].trainable)
-    state, _ = s["step"](s["state"], mesh.make_global_batch(random_batch(), s["mesh"]))
+    state0 = _leaves(s.state.trainable)
+    state, _ = s.step(s.state, mesh.make_global_batch(random_batch(), s.mesh))
     after = _leaves(state.trainable)
     head = np.abs(after["classifier/kernel"] - state0["classifier/kernel"]).max()
     body = np.abs(after["pooler/dense/kernel"] - state0["pooler/dense/kernel"]).max()
@@ -87,13 +87,14 @@ def test_gradual_unfreezing_groups_top_down():
         "classifier/kernel": (1,),
     }
     plan = freeze.build_freeze_plan(shapes, [(r".*", "train")])
-    groups = freeze.unfreeze_groups(plan, 2)
-    assert groups == [
-        ["classifier/kernel"],
-        ["encoder/layers/1/up/kernel"],
-        ["encoder/layers/0/up/kernel"],
-        ["embeddings/word/embedding"],
-    ]
-    assert freeze.active_paths(groups, 0, 10) == {"classifier/kernel"}
-    assert freeze.active_paths(groups, 10, 10) == {"classifier/kernel", "encoder/layers/1/up/kernel"}
-    assert len(freeze.active_paths(groups, 1000, 10)) == 4
+    bert = models.family_named("bert")
+    phases = freeze.build_phases(plan, 2, bert.layer_pattern, bert.head_pattern, 10)
+    assert phases.groups == (
+        ("classifier/kernel",),
+        ("encoder/layers/1/up/kernel",),
+        ("encoder/layers/0/up/kernel",),
+        ("embeddings/word/embedding",),
+    )
+    assert phases.phase_at(0).trainable_paths == {"classifier/kernel"}
+    assert phases.phase_at(10).trainable_paths == {"classifier/kernel", "encoder/layers/1/up/kernel"}
+    assert len(phases.phase_at(1000).trainable_paths) == 4

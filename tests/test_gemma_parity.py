@@ -118,7 +118,7 @@ def test_gemma3_weights_round_trip_to_hf_keys(checkpoints, scan):
     exported = {}
     for p, var in nnx.to_flat_state(params):
         entry = llama_hf.hf_entry(path_str(p), GEMMA3["num_hidden_layers"])
-        exported.update(llama_hf.to_hf(entry, np.asarray(var.get_value())))
+        exported.update(entry.to_hf(np.asarray(var.get_value())))
     assert set(exported) == set(tensors)  # the pre/post feed-forward norms included
     for key, value in exported.items():
         np.testing.assert_array_equal(value, tensors[key], err_msg=key)

@@ -58,8 +58,8 @@ def load_gpt2(folder: Path, scan_layers: bool) -> JaxGPT2Model:
         entry = gpt2_hf.hf_entry(path_str(p), spec.num_layers, prefix)
         assert entry is not None, path_str(p)
         for key in entry.keys:
-            assert tensors[key].shape == gpt2_hf.hf_shape(entry, var.shape), key
-        flat[p] = var.replace(jnp.asarray(gpt2_hf.to_jaxft(entry, [tensors[k] for k in entry.keys], var.shape)))
+            assert tensors[key].shape == entry.hf_shape(var.shape), key
+        flat[p] = var.replace(jnp.asarray(entry.to_jaxft([tensors[k] for k in entry.keys], var.shape)))
         used.update(entry.keys)
     ignorable = gpt2_hf.ignorable_keys(spec)
     assert all(any(re.fullmatch(r, k) for r in ignorable) for k in set(tensors) - used)
@@ -150,7 +150,7 @@ def test_export_round_trip_is_exact(checkpoints, scanned):
     tensors = read_tensors(checkpoints["lm"])
     exported = {}
     for p, var in nnx.to_flat_state(nnx.state(scanned, nnx.Param)):
-        exported.update(gpt2_hf.to_hf(gpt2_hf.hf_entry(path_str(p), 3), np.asarray(var.get_value())))
+        exported.update(gpt2_hf.hf_entry(path_str(p), 3).to_hf(np.asarray(var.get_value())))
     assert set(exported) == set(tensors)
     for key, value in exported.items():
         np.testing.assert_array_equal(value, tensors[key], err_msg=key)
@@ -160,11 +160,11 @@ def test_block_reads_only_its_layers(checkpoints):
     tensors = read_tensors(checkpoints["lm"])
     entry = gpt2_hf.hf_entry("layers/attn/c_attn/kernel", 3)
     shape = (3, 64, 3, 4, 16)
-    full = gpt2_hf.to_jaxft(entry, [tensors[k] for k in entry.keys], shape)
+    full = entry.to_jaxft([tensors[k] for k in entry.keys], shape)
     # The Conv1D weight [E, 3E] is q | k | v along its columns, each N heads of H: a plain reshape.
     np.testing.assert_array_equal(full[2, :, 1, 3], tensors["transformer.h.2.attn.c_attn.weight"][:, 64 + 48 : 128])
     read = []
-    block = gpt2_hf.to_jaxft_block(entry, lambda k: read.append(k) or tensors[k], shape, (slice(1, 3), slice(0, 32)))
+    block = entry.to_jaxft_block(lambda k: read.append(k) or tensors[k], shape, (slice(1, 3), slice(0, 32)))
     np.testing.assert_array_equal(block, full[1:3, :32])
     assert read == list(entry.keys[1:3])
 
@@ -192,7 +192,7 @@ def test_sharded_forward_equals_unsharded(scanned):
     graphdef, params = nnx.split(scanned)
     specs = sharding.infer_param_specs(params, rules, mesh)
     assert specs["layers/attn/c_attn/kernel"] == PartitionSpec(None, "fsdp", None, "tensor", None)
-    placed = jax.device_put(params, sharding.tree_shardings(params, sharding.named(specs, mesh)))
+    placed = jax.device_put(params, sharding.shardings_like(params, sharding.to_named_shardings(specs, mesh)))
     input_ids = jax.device_put(jnp.asarray(ids(4, L, seed=6)), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     sharded = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(placed, input_ids)
     np.testing.assert_allclose(np.asarray(sharded), run(scanned, ids(4, L, seed=6)), atol=1e-5)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from jaxft import axes
 from jaxft.models import llama_hf
-from jaxft.models.llama import KV_HEADS, LlamaModel
+from jaxft.models.llama import LlamaModel
 from jaxft.models.llama_hf import ArchitectureError
 from jaxft.paths import path_str
 
@@ -79,8 +79,8 @@ def load_llama(folder: Path, scan_layers: bool) -> LlamaModel:
         entry = llama_hf.hf_entry(path_str(p), spec.num_layers)
         assert entry is not None, path_str(p)
         for key in entry.keys:
-            assert tensors[key].shape == llama_hf.hf_shape(entry, var.shape), key
-        flat[p] = var.replace(jnp.asarray(llama_hf.to_jaxft(entry, [tensors[k] for k in entry.keys], var.shape)))
+            assert tensors[key].shape == entry.hf_shape(var.shape), key
+        flat[p] = var.replace(jnp.asarray(entry.to_jaxft([tensors[k] for k in entry.keys], var.shape)))
         used.update(entry.keys)
     assert set(tensors) == used
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -176,7 +176,7 @@ def test_export_round_trip_is_exact(checkpoints):
     params = nnx.state(load_llama(folder, scan_layers=True), nnx.Param)
     exported = {}
     for p, var in nnx.to_flat_state(params):
-        exported.update(llama_hf.to_hf(llama_hf.hf_entry(path_str(p), 3), np.asarray(var.get_value())))
+        exported.update(llama_hf.hf_entry(path_str(p), 3).to_hf(np.asarray(var.get_value())))
     assert set(exported) == set(tensors)
     for key, value in exported.items():
         np.testing.assert_array_equal(value, tensors[key], err_msg=key)
@@ -186,11 +186,9 @@ def test_block_reads_only_its_layers(checkpoints):
     folder = checkpoints["llama"]
     tensors = read_tensors(folder)
     entry = llama_hf.hf_entry("layers/self_attn/q_proj/kernel", 3)
-    full = llama_hf.to_jaxft(entry, [tensors[k] for k in entry.keys], (3, 64, 4, 16))
+    full = entry.to_jaxft([tensors[k] for k in entry.keys], (3, 64, 4, 16))
     read = []
-    block = llama_hf.to_jaxft_block(
-        entry, lambda k: read.append(k) or tensors[k], (3, 64, 4, 16), (slice(1, 3), slice(0, 32))
-    )
+    block = entry.to_jaxft_block(lambda k: read.append(k) or tensors[k], (3, 64, 4, 16), (slice(1, 3), slice(0, 32)))
     np.testing.assert_array_equal(block, full[1:3, :32])
     assert read == list(entry.keys[1:3])
 
@@ -214,13 +212,13 @@ def test_sharded_forward_equals_unsharded(checkpoints):
     from jaxft import sharding
     from jaxft.config import MeshConfig
 
-    rules = MeshConfig().rules + ((axes.LAYERS, None), (KV_HEADS, "tensor"))
+    rules = MeshConfig().rules + ((axes.LAYERS, None), (axes.KV_HEADS, "tensor"))
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
     model = load_llama(checkpoints["qwen3"], scan_layers=True)
     graphdef, params = nnx.split(model)
     specs = sharding.infer_param_specs(params, rules, mesh)
     assert specs["layers/self_attn/k_proj/kernel"] == PartitionSpec(None, "fsdp", "tensor", None)
-    placed = jax.device_put(params, sharding.tree_shardings(params, sharding.named(specs, mesh)))
+    placed = jax.device_put(params, sharding.shardings_like(params, sharding.to_named_shardings(specs, mesh)))
     input_ids = jax.device_put(jnp.asarray(ids(4, L, seed=6)), NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     sharded = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i))(placed, input_ids)
     np.testing.assert_allclose(np.asarray(sharded), run(model, ids(4, L, seed=6)), atol=1e-5)

@@ -9,7 +9,6 @@ from flax import nnx
 
 from jaxft import compile, mesh
 from jaxft import step as step_lib
-from jaxft.train import shardings_of
 from tests import test_llama_parity as llama_tests
 from tests.helpers import make_setup, random_lm_batch
 
@@ -21,10 +20,10 @@ def tiny(tmp_path_factory):
 
 
 def _loss_and_grads(setup, batch, chunk):
-    model = nnx.merge(setup["graphdef"], nnx.merge_state(setup["state"].trainable, setup["state"].frozen))
+    model = nnx.merge(setup.graphdef, nnx.merge_state(setup.state.trainable, setup.state.frozen))
     graphdef = nnx.split(model.configure(logits_chunk=chunk))[0]
     fn = jax.jit(jax.value_and_grad(step_lib._loss_of_trainable, has_aux=True), static_argnums=(2, 5))
-    (loss, stats), grads = fn(setup["state"].trainable, setup["state"].frozen, graphdef, batch, None, "causal-lm")
+    (loss, stats), grads = fn(setup.state.trainable, setup.state.frozen, graphdef, batch, None, "causal-lm")
     return float(loss), jax.device_get(stats), jax.device_get(grads)
 
 
@@ -45,15 +44,16 @@ def test_train_step_with_a_chunked_head_matches(tiny):
     losses = []
     for chunk in (0, 3):
         setup = make_setup(tiny, mesh_shape=(8, 1, 1), task="causal-lm")
+        step = setup.step
         if chunk:
-            model = nnx.merge(setup["graphdef"], nnx.merge_state(setup["state"].trainable, setup["state"].frozen))
+            model = nnx.merge(setup.graphdef, nnx.merge_state(setup.state.trainable, setup.state.frozen))
             graphdef = nnx.split(model.configure(logits_chunk=chunk))[0]
-            setup["step"] = compile.jit_train_step(
-                graphdef, setup["tx"], lambda s: 1e-3, 1, shardings_of(setup["state"]), setup["mesh"], "causal-lm"
+            step = compile.jit_train_step(
+                graphdef, setup.tx, lambda s: 1e-3, 1, setup.layout.shardings, setup.mesh, "causal-lm"
             )
-        state, history = setup["state"], []
+        state, history = setup.state, []
         for _ in range(3):
-            state, metrics = setup["step"](state, mesh.make_global_batch(batch, setup["mesh"]))
+            state, metrics = step(state, mesh.make_global_batch(batch, setup.mesh))
             history.append(float(metrics["loss"]))
         losses.append(history)
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -91,7 +91,7 @@ def test_registered_records_encode_as_the_same_rows_from_jsonl(tfds_dir, model, 
         DataConfig(dataset="jaxft_test_chat", data_dir=str(tfds_dir), messages_column="conversation")
     )
     first = chat.train[0]
-    assert [lm._text(r) for r in first["roles"]] == ["system", "user", "assistant"] and chat.eval is None
+    assert [lm.as_text(r) for r in first["roles"]] == ["system", "user", "assistant"] and chat.eval is None
     example = encoder.encode(first)
     reply = encoder.tokenizer(QA[0][1] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
     assert example["input_ids"][example["loss_mask"] > 0].tolist() == reply

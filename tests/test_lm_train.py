@@ -13,7 +13,7 @@ import pytest
 
 from jaxft import cli
 from jaxft.checkpoint import checkpoint_dir
-from jaxft.predict import load_run_model
+from jaxft.run_dir import restore_run
 from tests import test_gpt2_parity as gpt2_tests
 from tests import test_llama_parity as llama_tests
 from tests.conftest import TOKENIZER_FILES, minilm_path
@@ -49,7 +49,8 @@ def records(run_dir: Path) -> list[dict]:
 
 
 def params(run_dir: Path) -> dict[str, np.ndarray]:
-    _, p, _, _, _ = load_run_model(run_dir)
+    run = restore_run(run_dir)
+    p = run.params
     return {"/".join(map(str, k)): np.asarray(jax.device_get(v.get_value())) for k, v in p.flat_state()}
 
 

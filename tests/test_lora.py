@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import mesh, pretrained
-from jaxft.config import LoadConfig, LoraConfig, MeshConfig, ModelConfig
+from jaxft import mesh, setup
+from jaxft.config import Config, LoraConfig, MeshConfig, ModelConfig
 from jaxft.models import lora
 from jaxft.paths import RuleError, path_str
 from jaxft.step import model_logits
@@ -29,10 +29,21 @@ def tiny_llama(tmp_path_factory) -> Path:
     return llama_tests.save_tiny(tmp_path_factory.mktemp("lora") / "qwen2", make())
 
 
-def load(folder: Path, scan: bool, lora_cfg: LoraConfig | None, **model_kwargs):
-    m = mesh.build_mesh(MeshConfig(data=4, fsdp=2))
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    skeleton: setup.ModelSkeleton
+    params: object
+
+    @property
+    def graphdef(self):
+        return self.skeleton.graphdef
+
+
+def load(folder: Path, scan: bool, lora_cfg: LoraConfig | None, **model_kwargs) -> Loaded:
     model_cfg = ModelConfig(source=str(folder), task="causal-lm", scan_layers=scan, **model_kwargs)
-    return pretrained.load_pretrained(model_cfg, LoadConfig(), m, MeshConfig().rules, lora_cfg=lora_cfg)
+    cfg = Config(model=model_cfg, lora=lora_cfg or LoraConfig(), mesh=MeshConfig(data=4, fsdp=2))
+    skeleton = setup.build_model(cfg, mesh.build_mesh(cfg.mesh))
+    return Loaded(skeleton, setup.load_weights(skeleton, cfg.model, cfg.load))
 
 
 def flat(state) -> dict[str, jax.Array]:
@@ -59,7 +70,7 @@ def test_adapters_on_targets_only_and_untrained_adapter_is_the_base(tiny_llama, 
 
 def test_only_adapters_train_base_bit_identical(tiny_llama):
     setup = make_setup(tiny_llama, (4, 2, 1), rules=LORA_ONLY, task="causal-lm", lora=LoraConfig(rank=4, dropout=0.1))
-    state, step = setup["state"], setup["step"]
+    state, step = setup.state, setup.step
     before_frozen = jax.tree.map(np.asarray, flat(state.frozen))
     before_trainable = jax.tree.map(np.asarray, flat(state.trainable))
     assert set(before_trainable) == {p for p in before_trainable if p.endswith(("lora_a", "lora_b"))}
@@ -69,7 +80,7 @@ def test_only_adapters_train_base_bit_identical(tiny_llama):
     assert n_opt == 2 * n_adapter  # adam's mu and nu
     losses = []
     for i in range(4):
-        state, metrics = step(state, mesh.make_global_batch(random_lm_batch(seed=i % 2), setup["mesh"]))
+        state, metrics = step(state, mesh.make_global_batch(random_lm_batch(seed=i % 2), setup.mesh))
         losses.append(float(metrics["loss"]))
     for k, v in flat(state.frozen).items():
         np.testing.assert_array_equal(np.asarray(v), before_frozen[k], err_msg=k)
@@ -81,11 +92,12 @@ def test_only_adapters_train_base_bit_identical(tiny_llama):
 def test_frozen_base_in_bf16_adapters_fp32(tiny_llama):
     pre = load(tiny_llama, True, ATTENTION)
     frozen = {p for p in flat(pre.params) if "lora" not in p}
-    half = pretrained.with_param_dtypes(pre, "bfloat16", frozen)
-    dtypes = {path_str(p): v.get_value().dtype for p, v in half.params.flat_state()}
+    half_skeleton = setup.with_frozen_dtype(pre.skeleton, "bfloat16", frozen)
+    dtypes = {path_str(p): v.get_value().dtype for p, v in half_skeleton.abstract_params.flat_state()}
     assert {dtypes[p] for p in frozen} == {jnp.dtype(jnp.bfloat16)}
     assert {d for p, d in dtypes.items() if p not in frozen} == {jnp.dtype(jnp.float32)}
-    half = pretrained.load_weights(half, ModelConfig(source=str(tiny_llama), task="causal-lm"), LoadConfig())
+    model_cfg = ModelConfig(source=str(tiny_llama), task="causal-lm")
+    half = Loaded(half_skeleton, setup.load_weights(half_skeleton, model_cfg, Config().load))
     loaded = flat(half.params)
     assert (
         loaded["embed_tokens"].dtype == jnp.bfloat16 and loaded["layers/self_attn/q_proj/lora_a"].dtype == jnp.float32

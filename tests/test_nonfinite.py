@@ -24,11 +24,11 @@ def test_nonfinite_step_leaves_the_state_unchanged_and_the_next_step_trains(tiny
     from jaxft import mesh
 
     s = make_setup(tiny_bert)
-    m, state = s["mesh"], s["state"]
+    m, state = s.mesh, s.state
     bad = random_batch()
     bad["weights"][:] = np.nan
     before, opt_before = _host(state.trainable), _host(state.opt_state)
-    state, metrics = s["step"](state, mesh.make_global_batch(bad, m))
+    state, metrics = s.step(state, mesh.make_global_batch(bad, m))
     assert int(metrics["nonfinite"]) == 1 and int(metrics["nonfinite_leaf"]) >= 0
     assert not np.isfinite(float(metrics["loss"]))
     for a, b in zip(before, _host(state.trainable)):
@@ -36,7 +36,7 @@ def test_nonfinite_step_leaves_the_state_unchanged_and_the_next_step_trains(tiny
     for a, b in zip(opt_before, _host(state.opt_state)):
         np.testing.assert_array_equal(a, b)
     assert int(state.step) == 1  # the batch is consumed; only the update is dropped
-    state, metrics = s["step"](state, mesh.make_global_batch(random_batch(seed=1), m))
+    state, metrics = s.step(state, mesh.make_global_batch(random_batch(seed=1), m))
     assert int(metrics["nonfinite"]) == 0 and int(metrics["nonfinite_leaf"]) == -1
     assert any(not np.array_equal(a, b) for a, b in zip(before, _host(state.trainable)))
 

@@ -99,9 +99,10 @@ def wait_for(predicate, proc, timeout=300.0, poll=0.02):
 
 
 def final_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
-    from jaxft.predict import load_run_model
+    from jaxft.run_dir import restore_run
 
-    _, params, _, _, _ = load_run_model(run_dir, step)
+    run = restore_run(run_dir, step)
+    params = run.params
     return {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value())) for p, v in params.flat_state()}
 
 

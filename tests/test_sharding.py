@@ -15,9 +15,9 @@ MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 def _two_steps(folder, shape):
     s = make_setup(folder, shape, dropout_rate=0.0)
-    state, losses = s["state"], []
+    state, losses = s.state, []
     for seed in range(2):
-        state, metrics = s["step"](state, mesh.make_global_batch(random_batch(seed=seed), s["mesh"]))
+        state, metrics = s.step(state, mesh.make_global_batch(random_batch(seed=seed), s.mesh))
         losses.append(float(metrics["loss"]))
     kernel = state.trainable["encoder"]["layers"][0]["up"]["kernel"][...]
     return losses, np.asarray(jax.device_get(kernel)), kernel.sharding

@@ -13,19 +13,19 @@ from tests.helpers import make_setup, random_batch
 
 def test_step_traces_once_over_many_steps(tiny_bert):
     s = make_setup(tiny_bert)
-    state = s["state"]
+    state = s.state
     for seed in range(4):
-        state, metrics = s["step"](state, mesh.make_global_batch(random_batch(seed=seed), s["mesh"]))
-    assert s["step"].traces == 1
+        state, metrics = s.step(state, mesh.make_global_batch(random_batch(seed=seed), s.mesh))
+    assert s.step.traces == 1
     assert int(state.step) == 4
 
 
 def test_step_is_pure_and_callable_without_jit(tiny_bert):
     s = make_setup(tiny_bert, dropout_rate=0.0)
     batch = {k: jax.numpy.asarray(v) for k, v in random_batch().items()}
-    sched = optim.build_schedule(s["cfg"].optim, 100)
-    out1, m1 = train_step(s["state"], batch, graphdef=s["graphdef"], tx=s["tx"], schedule=sched, microbatches=1)
-    out2, m2 = train_step(s["state"], batch, graphdef=s["graphdef"], tx=s["tx"], schedule=sched, microbatches=1)
+    sched = optim.build_schedule(s.cfg.optim, 100)
+    out1, m1 = train_step(s.state, batch, graphdef=s.graphdef, tx=s.tx, schedule=sched, microbatches=1)
+    out2, m2 = train_step(s.state, batch, graphdef=s.graphdef, tx=s.tx, schedule=sched, microbatches=1)
     assert float(m1["loss"]) == float(m2["loss"])
     assert int(out1.step) == 1
 
@@ -35,7 +35,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_bert):
     results = []
     for micro in (1, 4):
         s = make_setup(tiny_bert, microbatches=micro, dropout_rate=0.0)
-        state, metrics = s["step"](s["state"], mesh.make_global_batch(batch, s["mesh"]))
+        state, metrics = s.step(s.state, mesh.make_global_batch(batch, s.mesh))
         kernel = np.asarray(jax.device_get(state.trainable["classifier"]["kernel"][...]))
         results.append((float(metrics["loss"]), float(metrics["grad_norm"]), kernel))
     np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
@@ -45,11 +45,11 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_bert):
 
 def test_dropout_uses_the_rng_and_is_reproducible(tiny_bert):
     s = make_setup(tiny_bert)
-    b = mesh.make_global_batch(random_batch(), s["mesh"])
-    _, m1 = s["step"](jax.tree.map(lambda x: x.copy(), s["state"]), b)
-    _, m2 = s["step"](jax.tree.map(lambda x: x.copy(), s["state"]), b)
+    b = mesh.make_global_batch(random_batch(), s.mesh)
+    _, m1 = s.step(jax.tree.map(lambda x: x.copy(), s.state), b)
+    _, m2 = s.step(jax.tree.map(lambda x: x.copy(), s.state), b)
     s0 = make_setup(tiny_bert, dropout_rate=0.0)
-    _, m0 = s0["step"](s0["state"], mesh.make_global_batch(random_batch(), s0["mesh"]))
+    _, m0 = s0.step(s0.state, mesh.make_global_batch(random_batch(), s0.mesh))
     assert float(m1["loss"]) == float(m2["loss"])
     assert float(m1["loss"]) != float(m0["loss"])
 
@@ -58,10 +58,10 @@ def test_dropout_uses_the_rng_and_is_reproducible(tiny_bert):
 def test_each_optimizer_trains(tiny_bert, name):
     cfg = OptimConfig(name=name, learning_rate=5e-2 if name != "adamw" else 3e-3, schedule="constant", warmup_steps=0)
     s = make_setup(tiny_bert, optim_cfg=cfg, dropout_rate=0.0)
-    state, batch = s["state"], mesh.make_global_batch(random_batch(), s["mesh"])
+    state, batch = s.state, mesh.make_global_batch(random_batch(), s.mesh)
     losses = []
     for _ in range(6):
-        state, metrics = s["step"](state, batch)
+        state, metrics = s.step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0], losses
 
@@ -71,7 +71,7 @@ def test_bf16_compute_and_remat_run_close_to_fp32(tiny_bert):
     losses = {}
     for key, kw in {"fp32": {}, "bf16": {"compute_dtype": "bfloat16"}, "remat": {"remat": True}}.items():
         s = make_setup(tiny_bert, dropout_rate=0.0, **kw)
-        state, metrics = s["step"](s["state"], mesh.make_global_batch(batch, s["mesh"]))
+        state, metrics = s.step(s.state, mesh.make_global_batch(batch, s.mesh))
         losses[key] = float(metrics["loss"])
         assert state.trainable["classifier"]["kernel"][...].dtype == np.float32  # params stay fp32
     assert losses["remat"] == pytest.approx(losses["fp32"], abs=1e-6)

@@ -16,7 +16,7 @@ from jaxft.config import (
     TrainConfig,
 )
 from jaxft.paths import path_str
-from jaxft.predict import load_run_model
+from jaxft.run_dir import restore_run
 from jaxft.train import train
 
 
@@ -32,7 +32,7 @@ def _files(tmp_path):
 
 
 def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path, tiny_bert, data_dir):
-    from jaxft import pretrained
+    from jaxft import setup
 
     train_file = _files(tmp_path)
     cfg = Config(
@@ -44,8 +44,7 @@ def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path
         checkpoint=CheckpointConfig(every_steps=0),
     )
     result = train(cfg, tmp_path / "run")
-    pre = pretrained.load_pretrained(cfg.model, cfg.load, pretrained.build_mesh(cfg.mesh), cfg.mesh.rules, 2)
-    before = _flat(pre.params)
+    before = _flat(setup.load_weights(setup.build_model(cfg, setup.build_mesh(cfg), 2), cfg.model, cfg.load))
     after = {**_flat(result.state.trainable), **_flat(result.state.frozen)}
     changed = {p for p in before if not np.array_equal(before[p], after[p])}
     # Steps 0-1 train the head group; at step 2 layer 1 joins. Layer 0 and embeddings never trained.
@@ -57,7 +56,8 @@ def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
 
-    graphdef, params, meta, _, step = load_run_model(tmp_path / "run")
+    run = restore_run(tmp_path / "run")
+    params, meta, step = run.params, run.meta, run.step
     assert step == 3 and meta["label_names"] == ["neg", "pos"]
     restored = _flat(params)
     for p, v in after.items():

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from jaxft.config import DataConfig
 from jaxft.data import builders, pipeline
 from jaxft.data.builders import DataError
-from jaxft.data.pipeline import _text  # tfds hands text back as bytes
+from jaxft.data.pipeline import as_text  # tfds hands text back as bytes
 
 ROLES = ("system", "user", "assistant")
 # Bumped when the stored record layout changes, so prepared copies of the old layout are not reused.
@@ -271,11 +271,11 @@ class LMEncoder:
 
         Chat examples have n <= max_length. A plain-text document comes back whole; encode_rows splits it.
         """
-        where = _text(record.get("source", "example"))
-        if _text(record["kind"]) == "text":
-            ids = self._encode_text(_text(record["text"]))
+        where = as_text(record.get("source", "example"))
+        if as_text(record["kind"]) == "text":
+            ids = self._encode_text(as_text(record["text"]))
             return _example(ids, np.ones(len(ids), np.float32))
-        messages = [{"role": _text(r), "content": _text(c)} for r, c in zip(record["roles"], record["contents"])]
+        messages = [{"role": as_text(r), "content": as_text(c)} for r, c in zip(record["roles"], record["contents"])]
         ids, mask = self._encode_chat(messages, where)
         if len(ids) > self.max_length:
             if self.truncation == "drop":

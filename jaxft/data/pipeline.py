@@ -16,9 +16,8 @@ import grain
 import jax
 import numpy as np
 
-from jaxft.axes import IGNORE_LABEL
 from jaxft.config import DataConfig
-from jaxft.data import builders
+from jaxft.data import IGNORE_LABEL, builders
 from jaxft.data.builders import DataError
 
 
@@ -105,10 +104,10 @@ class Encoder:
         """Encodes a list of records into one batch of fixed-shape arrays."""
         s = self.s
         if s.token_level:
-            texts = [[_text(w) for w in r[s.text_key]] for r in records]
+            texts = [[as_text(w) for w in r[s.text_key]] for r in records]
         else:
-            texts = [_text(r[s.text_key]) for r in records]
-        pairs = [_text(r[s.pair_key]) for r in records] if s.pair_key else None
+            texts = [as_text(r[s.text_key]) for r in records]
+        pairs = [as_text(r[s.pair_key]) for r in records] if s.pair_key else None
         enc = self.tokenizer(
             texts,
             pairs,
@@ -143,7 +142,7 @@ def _align_tags(word_ids: list[int | None], tags) -> np.ndarray:
     return out
 
 
-def _text(value: Any) -> str:
+def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 

@@ -1,13 +1,17 @@
-"""Model families and the one registry that maps an HF config to a family: its spec, its NNX model and its
-HF key table. Each family has a math file (bert.py, llama.py) and a key table (bert_hf.py, llama_hf.py).
+"""Model families and the one registry that maps an HF config to a family. Each family is two files, its math
+(bert.py, llama.py, gpt2.py) and its HF key table (bert_hf.py, ...), plus one `Family` row below: everything the
+engine needs to know of it is a field of that row.
 
-Everyone outside models/ goes through `family_of` / `family_for_spec`; nothing else dispatches on model type.
+Everyone outside models/ goes through `family_of` / `family_for_spec` / `family_named`; nothing else dispatches on
+the model type.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -17,23 +21,25 @@ from flax import nnx
 
 from jaxft.models import bert_hf, gpt2_hf, llama_hf, lora
 from jaxft.models.bert import BertModel, BertSpec
-from jaxft.models.bert_hf import ArchitectureError
 from jaxft.models.gpt2 import GPT2Model, GPT2Spec
-from jaxft.models.llama import LlamaModel, LlamaSpec, RopeSpec
-from jaxft.models.llama_hf import HFEntry
+from jaxft.models.hf_layout import ArchitectureError, HFEntry, KeyRenames
+from jaxft.models.llama import LlamaModel, LlamaSpec
 
 __all__ = [
     "ArchitectureError",
     "BertModel",
     "BertSpec",
+    "FAMILIES",
     "Family",
     "GPT2Model",
     "GPT2Spec",
     "HFEntry",
     "LlamaModel",
     "LlamaSpec",
+    "architecture_differences",
     "build_abstract_model",
     "family_for_spec",
+    "family_named",
     "family_of",
     "init_params",
     "spec_from_dict",
@@ -42,7 +48,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """What the engine needs to know of one model family; every field is a plain function of the spec."""
+    """What the engine needs to know of one model family; every field is data or a plain function of the spec."""
 
     name: str
     model_types: tuple[str, ...]
@@ -57,41 +63,27 @@ class Family:
     key_prefix: Callable[[Any, dict, set[str]], str]
     # spec -> regexes of checkpoint keys that may be present with no parameter
     ignorable_keys: Callable[[Any], tuple[str, ...]]
+    # How the family's older checkpoints name keys that the table writes in torch style.
+    renames: KeyRenames
+    # Export: model_type -> the prefix the task class's body keys carry; (spec, model_type) -> its class name;
+    # (spec, prefix) -> the class's state-dict keys, written out from its modeling code.
+    export_prefix: Callable[[str], str]
+    hf_class_name: Callable[[Any, str], str]
+    hf_state_keys: Callable[[Any, str], set[str]]
+    # spec -> the jaxft task the model runs (model.task)
+    task_of: Callable[[Any], str]
+    # spec -> the longest sequence the model can position (a learned table), or None (RoPE: no hard limit)
+    position_limit: Callable[[Any], int | None]
     # Spec fields that may differ between two checkpoints of the same model (a new head, dropout, layout).
     non_architecture: tuple[str, ...]
-    layer_pattern: str  # regex of layer i's parameters, with {i}
-    head_pattern: str  # regex of the task head's parameters
+    # Freeze recipes and gradual unfreezing name parts of the model by these regexes.
+    embedding_pattern: str  # the input embeddings
+    layer_pattern: str  # layer i's parameters, with {i}
+    head_pattern: str  # the task head
 
-
-def _bert_spec(hf: dict, task: str, num_labels: int, dropout_rate: float, scan_layers: bool) -> BertSpec:
-    return bert_hf.spec_from_hf_config(hf, task, num_labels, dropout_rate)
-
-
-def _bert_entry(path: str, spec: BertSpec, prefix: str) -> HFEntry | None:
-    found = bert_hf.hf_key_for(path, prefix)
-    return None if found is None else HFEntry((found[0],), found[1], False)
-
-
-def _bert_prefix(spec: BertSpec, hf: dict, keys: set[str]) -> str:
-    # Task checkpoints prefix the body ("bert."); bare encoders (BertModel, MiniLM) do not.
-    prefix = bert_hf.body_prefix(spec, hf.get("model_type", "bert"))
-    return prefix if any(k.startswith(prefix) for k in keys) else ""
-
-
-def _llama_spec(hf: dict, task: str, num_labels: int, dropout_rate: float, scan_layers: bool) -> LlamaSpec:
-    return llama_hf.spec_from_hf_config(hf, scan_layers=scan_layers)
-
-
-def _llama_entry(path: str, spec: LlamaSpec, prefix: str) -> HFEntry | None:
-    return llama_hf.hf_entry(path, spec.num_layers)
-
-
-def _gpt2_spec(hf: dict, task: str, num_labels: int, dropout_rate: float, scan_layers: bool) -> GPT2Spec:
-    return gpt2_hf.spec_from_hf_config(hf, scan_layers=scan_layers)
-
-
-def _gpt2_entry(path: str, spec: GPT2Spec, prefix: str) -> HFEntry | None:
-    return gpt2_hf.hf_entry(path, spec.num_layers, prefix)
+    @property
+    def is_decoder(self) -> bool:
+        return self.tasks == ("causal-lm",)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -101,11 +93,18 @@ FAMILIES: tuple[Family, ...] = (
         tasks=("sequence-classification", "token-classification"),
         spec_class=BertSpec,
         model_class=BertModel,
-        read_spec=_bert_spec,
-        hf_entry=_bert_entry,
-        key_prefix=_bert_prefix,
+        read_spec=lambda hf, task, labels, dropout, scan: bert_hf.spec_from_hf_config(hf, task, labels, dropout),
+        hf_entry=bert_hf.hf_entry,
+        key_prefix=bert_hf.detect_prefix,
         ignorable_keys=lambda spec: (),
+        renames=bert_hf.RENAMES,
+        export_prefix=bert_hf.body_prefix,
+        hf_class_name=bert_hf.hf_class_name,
+        hf_state_keys=bert_hf.hf_state_keys,
+        task_of=lambda spec: spec.task,
+        position_limit=lambda spec: spec.max_positions,
         non_architecture=("task", "num_labels", "dropout_rate"),
+        embedding_pattern=r"embeddings/.*",
         layer_pattern=r"encoder/layers/{i}/.*",
         head_pattern=r"(pooler|classifier)/.*",
     ),
@@ -115,11 +114,18 @@ FAMILIES: tuple[Family, ...] = (
         tasks=("causal-lm",),
         spec_class=LlamaSpec,
         model_class=LlamaModel,
-        read_spec=_llama_spec,
-        hf_entry=_llama_entry,
+        read_spec=lambda hf, task, labels, dropout, scan: llama_hf.spec_from_hf_config(hf, scan_layers=scan),
+        hf_entry=lambda path, spec, prefix: llama_hf.hf_entry(path, spec.num_layers),
         key_prefix=lambda spec, hf, keys: "",
         ignorable_keys=llama_hf.ignorable_keys,
+        renames=llama_hf.RENAMES,
+        export_prefix=lambda model_type: "",  # the table writes the body's "model." itself
+        hf_class_name=llama_hf.hf_class_name,
+        hf_state_keys=llama_hf.hf_state_keys,
+        task_of=lambda spec: "causal-lm",
+        position_limit=lambda spec: None,
         non_architecture=("scan_layers",),
+        embedding_pattern=r"embed_tokens",
         layer_pattern=r"layers/{i}/.*",
         head_pattern=r"(lm_head|norm)/.*",
     ),
@@ -129,11 +135,18 @@ FAMILIES: tuple[Family, ...] = (
         tasks=("causal-lm",),
         spec_class=GPT2Spec,
         model_class=GPT2Model,
-        read_spec=_gpt2_spec,
-        hf_entry=_gpt2_entry,
+        read_spec=lambda hf, task, labels, dropout, scan: gpt2_hf.spec_from_hf_config(hf, scan_layers=scan),
+        hf_entry=lambda path, spec, prefix: gpt2_hf.hf_entry(path, spec.num_layers, prefix),
         key_prefix=lambda spec, hf, keys: gpt2_hf.detect_prefix(sorted(keys)),
         ignorable_keys=gpt2_hf.ignorable_keys,
+        renames=gpt2_hf.RENAMES,
+        export_prefix=lambda model_type: gpt2_hf.BODY_PREFIX,
+        hf_class_name=lambda spec, model_type: gpt2_hf.CLASS_NAME,
+        hf_state_keys=gpt2_hf.hf_state_keys,
+        task_of=lambda spec: "causal-lm",
+        position_limit=lambda spec: spec.max_positions,  # the learned wpe table
         non_architecture=("scan_layers",),
+        embedding_pattern=r"(wte|wpe)",
         layer_pattern=r"layers/{i}/.*",
         head_pattern=r"ln_f/.*",  # the LM head is tied to wte
     ),
@@ -162,20 +175,31 @@ def family_for_spec(spec: Any) -> Family:
     raise TypeError(f"no family for {type(spec).__name__}")
 
 
-def spec_from_dict(family_name: str, d: dict[str, Any]) -> Any:
-    """A spec from its dataclasses.asdict form (as stored in run.json and checkpoints)."""
-    family = next((f for f in FAMILIES if f.name == family_name), None)
+def family_named(name: str) -> Family:
+    """The family a run dir or checkpoint records by name; ArchitectureError for one this jaxft does not know."""
+    family = next((f for f in FAMILIES if f.name == name), None)
     if family is None:
-        raise ArchitectureError(f"unknown model family {family_name!r}")
-    fields = {f.name for f in dataclasses.fields(family.spec_class)}
-    values = {k: v for k, v in d.items() if k in fields}
-    if family.spec_class is LlamaSpec:
-        for key in ("rope", "local_rope"):
-            if isinstance(values.get(key), dict):
-                values[key] = RopeSpec(**values[key])
-        if isinstance(values.get("layer_types"), list):
-            values["layer_types"] = tuple(values["layer_types"])
-    return family.spec_class(**values)
+        raise ArchitectureError(f"unknown model family {name!r} (known: {', '.join(f.name for f in FAMILIES)})")
+    return family
+
+
+def spec_from_dict(family_name: str, d: dict[str, Any]) -> Any:
+    """A spec from its dataclasses.asdict form (as stored in run.json and checkpoints): nested specs come back as
+    their dataclasses and lists as tuples; a field that an older checkpoint lacks keeps its default."""
+    cls = family_named(family_name).spec_class
+    hints = typing.get_type_hints(cls)
+    values = {f.name: _field_from_json(d[f.name], hints[f.name]) for f in dataclasses.fields(cls) if f.name in d}
+    return cls(**values)
+
+
+def _field_from_json(value: Any, tp: Any) -> Any:
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    for option in options:
+        if dataclasses.is_dataclass(option) and isinstance(value, dict):
+            return option(**value)
+        if typing.get_origin(option) is tuple and isinstance(value, list):
+            return tuple(value)
+    return value
 
 
 def architecture_differences(family_name: str, saved: dict[str, Any], spec: Any) -> list[str]:

@@ -6,7 +6,6 @@ Owns the forward pass and the logical axis names of every weight; knows nothing 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import axes
-from jaxft.models.remat import REMAT_POLICIES
+from jaxft.models.layers import ACTIVATIONS, REMAT_POLICIES, Dense, Embed, LayerNorm, dropout, remat_name, split_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,84 +38,6 @@ class BertSpec:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
-
-
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
-
-
-# Dropout draws 8 random bits per element, four per 32-bit threefry word: a full word per element made
-# dropout a third of the step time on CPU. The keep probability is quantised to 1/256 (rate 0.1 becomes
-# 26/256 = 0.1016) and the scale uses the quantised value, so the expected activation is exactly preserved.
-_DROPOUT_LEVELS = 256
-
-
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when rng is None (eval) or rate is 0."""
-    if rng is None or rate <= 0.0:
-        return x
-    threshold = max(1, min(_DROPOUT_LEVELS, round((1.0 - rate) * _DROPOUT_LEVELS)))
-    n = math.prod(x.shape)
-    words = jax.random.bits(rng, (-(-n // 4),), jnp.uint32)
-    bits = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
-    keep = bits.astype(jnp.int32) < threshold
-    return jnp.where(keep, x * (_DROPOUT_LEVELS / threshold), jnp.zeros_like(x))
-
-
-def _split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if rng is None else list(jax.random.split(rng, n))
-
-
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
-
-
-class Dense(nnx.Module):
-    """y = x·W + b over the last `len(in_shape)` dims; W has shape in_shape + out_shape."""
-
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        self.kernel = nnx.Param(_normal(rngs, in_shape + out_shape, dtype), logical_axes=in_axes + out_axes)
-        self.bias = nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=out_axes)
-        self.n_in = len(in_shape)
-
-    def __call__(self, x: jax.Array, compute_dtype: Any) -> jax.Array:
-        kernel = self.kernel[...].astype(compute_dtype)
-        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
-        lead = x.shape[: x.ndim - self.n_in]
-        # One plain 2-D matmul: XLA:CPU runs dots with several batch/contracting dims (which the weight
-        # gradient of a [B, L, E] input becomes) far slower than the same flops as [B·L, E] × [E, F].
-        x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
-        y = x2 @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
-        return y.reshape(lead + out_shape) + self.bias[...].astype(compute_dtype)
-
-
-class LayerNorm(nnx.Module):
-    def __init__(self, size: int, eps: float, *, dtype=jnp.float32):
-        self.scale = nnx.Param(jnp.ones((size,), dtype), logical_axes=(axes.NORM,))
-        self.bias = nnx.Param(jnp.zeros((size,), dtype), logical_axes=(axes.NORM,))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # Statistics in fp32 whatever the compute dtype: bf16 variance is too coarse.
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
-
-
-class Embed(nnx.Module):
-    def __init__(self, num: int, size: int, num_axis: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.embedding = nnx.Param(_normal(rngs, (num, size), dtype), logical_axes=(num_axis, axes.EMBED))
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
 
 
 class Embeddings(nnx.Module):
@@ -151,7 +72,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxE, mask_Bx1x1xL, rng, compute_dtype, queries: int | None = None):
         """`queries=k` attends from the first k positions only (keys and values still cover all of them)."""
-        rng_probs, rng_out = _split(rng, 2)
+        rng_probs, rng_out = split_key(rng, 2)
         q_BxLxNxH = self.query(x_BxLxE[:, :queries], compute_dtype)
         k_BxLxNxH = self.key(x_BxLxE, compute_dtype)
         v_BxLxNxH = self.value(x_BxLxE, compute_dtype)
@@ -176,10 +97,10 @@ class Layer(nnx.Module):
         self.spec = spec
 
     def __call__(self, x_BxLxE, mask_Bx1x1xL, rng, compute_dtype, queries: int | None = None):
-        rng_attn, rng_mlp = _split(rng, 2)
+        rng_attn, rng_mlp = split_key(rng, 2)
         attended = self.attention(x_BxLxE, mask_Bx1x1xL, rng_attn, compute_dtype, queries)
         x_BxLxE = self.attention_norm(x_BxLxE[:, :queries] + attended)
-        h_BxLxF = _ACTIVATIONS[self.spec.hidden_act](self.up(x_BxLxE, compute_dtype))
+        h_BxLxF = ACTIVATIONS[self.spec.hidden_act](self.up(x_BxLxE, compute_dtype))
         y_BxLxE = dropout(self.down(h_BxLxF, compute_dtype), self.spec.dropout_rate, rng_mlp)
         return self.mlp_norm(x_BxLxE + y_BxLxE)
 
@@ -192,7 +113,7 @@ class Encoder(nnx.Module):
         """`last_queries=1`: the last layer computes only the first token's output, which is all a
         [CLS]-pooled head reads; the result is identical and that layer costs about 1/L as much."""
         n = len(self.layers)
-        for i, (layer, layer_rng) in enumerate(zip(self.layers, _split(rng, n))):
+        for i, (layer, layer_rng) in enumerate(zip(self.layers, split_key(rng, n))):
             queries = last_queries if i == n - 1 else None
             if remat != "none":
                 checkpointed = nnx.remat(_layer_fn(compute_dtype, queries), policy=REMAT_POLICIES[remat])
@@ -230,7 +151,7 @@ class RobertaClassifier(nnx.Module):
         self.rate = spec.dropout_rate
 
     def __call__(self, x_BxLxE, rng, compute_dtype):
-        rng_a, rng_b = _split(rng, 2)
+        rng_a, rng_b = split_key(rng, 2)
         h_BxE = dropout(x_BxLxE[:, 0], self.rate, rng_a)
         h_BxE = jnp.tanh(self.dense(h_BxE, compute_dtype))
         return self.out_proj(dropout(h_BxE, self.rate, rng_b), compute_dtype)
@@ -257,12 +178,8 @@ class BertModel(nnx.Module):
     def configure(self, compute_dtype: Any = jnp.float32, remat: bool | str = "none") -> BertModel:
         """Sets static execution options (not parameters). remat: none | full | dots_saveable |
         dots_with_no_batch_dims_saveable (True/False mean full/none)."""
-        if isinstance(remat, bool):
-            remat = "full" if remat else "none"
-        if remat != "none" and remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of: none, {', '.join(REMAT_POLICIES)}")
+        self.remat = remat_name(remat)
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self.remat = remat
         return self
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, dropout_rng=None):
@@ -273,7 +190,7 @@ class BertModel(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         cd = self.compute_dtype
-        rng_emb, rng_enc, rng_head = _split(dropout_rng, 3)
+        rng_emb, rng_enc, rng_head = split_key(dropout_rng, 3)
         mask_Bx1x1xL = (jnp.asarray(attention_mask) > 0)[:, None, None, :]
         x_BxLxE = self.embeddings(input_ids, jnp.asarray(token_type_ids), attention_mask, rng_emb, cd)
         first_only = 1 if self.spec.task == "sequence-classification" else None
@@ -286,11 +203,3 @@ class BertModel(nnx.Module):
             pooled_BxE = dropout(self.pooler(x_BxLxE, cd), self.spec.dropout_rate, rng_head)
             logits = self.classifier(pooled_BxE, cd)
         return logits.astype(jnp.float32)
-
-
-def layer_index(path: str) -> int | None:
-    """The encoder layer a '/'-joined parameter path belongs to, or None."""
-    parts = path.split("/")
-    if len(parts) > 2 and parts[0] == "encoder" and parts[1] == "layers":
-        return int(parts[2])
-    return None

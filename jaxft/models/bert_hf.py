@@ -1,73 +1,65 @@
-"""The BERT-family HF key table: every rename and transpose between HF tensors and jaxft parameters.
+"""The BERT-family HF key table: every rename and transpose between HF tensors and jaxft parameters, the BertSpec read
+from an HF config, and the transformers classes and state-dict keys an export writes.
 
-Reading or writing files is load.py's and export's job; this module only names and reshapes.
+It names and reshapes only; reading or writing files is load.py's and export's job.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import numpy as np
-
 from jaxft.models.bert import BertSpec
+from jaxft.models.hf_layout import (
+    HF_FLAX_LEAVES,
+    TASK_CLASS_SUFFIXES,
+    ArchitectureError,
+    HFEntry,
+    KeyRenames,
+    Kind,
+    lookup,
+)
 
-# (jaxft path regex, HF key template, kind, in_body). in_body keys carry the family prefix ("bert.")
-# in task checkpoints; head keys never do. kind says how the tensor is laid out:
-#   copy      same shape
-#   flat      HF keeps it flat ([N*H]); jaxft splits heads ([N, H])
-#   linear1   torch Linear weight [out, in] -> kernel [in..., out...] with one input dim
-#   linear2   the same with two input dims (attention output: [N, H] -> E)
-#   conv1     GPT-2's Conv1D weight, already [in, out]: a plain reshape to kernel [in..., out...], one input dim
-#   conv2     the same with two input dims
-TABLE: tuple[tuple[str, str, str, bool], ...] = (
-    (r"embeddings/word/embedding", "embeddings.word_embeddings.weight", "copy", True),
-    (r"embeddings/position/embedding", "embeddings.position_embeddings.weight", "copy", True),
-    (r"embeddings/token_type/embedding", "embeddings.token_type_embeddings.weight", "copy", True),
-    (r"embeddings/norm/scale", "embeddings.LayerNorm.weight", "copy", True),
-    (r"embeddings/norm/bias", "embeddings.LayerNorm.bias", "copy", True),
+COPY, FLAT, LINEAR1, LINEAR2 = Kind.COPY, Kind.FLAT, Kind.LINEAR1, Kind.LINEAR2
+
+# Rows inside the body, whose keys carry the body prefix ("bert.", "roberta.") in task checkpoints.
+BODY_TABLE = (
+    (r"embeddings/word/embedding", "embeddings.word_embeddings.weight", COPY),
+    (r"embeddings/position/embedding", "embeddings.position_embeddings.weight", COPY),
+    (r"embeddings/token_type/embedding", "embeddings.token_type_embeddings.weight", COPY),
+    (r"embeddings/norm/scale", "embeddings.LayerNorm.weight", COPY),
+    (r"embeddings/norm/bias", "embeddings.LayerNorm.bias", COPY),
     (
         r"encoder/layers/(\d+)/attention/(query|key|value)/kernel",
         "encoder.layer.{0}.attention.self.{1}.weight",
-        "linear1",
-        True,
+        LINEAR1,
     ),
-    (
-        r"encoder/layers/(\d+)/attention/(query|key|value)/bias",
-        "encoder.layer.{0}.attention.self.{1}.bias",
-        "flat",
-        True,
-    ),
-    (
-        r"encoder/layers/(\d+)/attention/output/kernel",
-        "encoder.layer.{0}.attention.output.dense.weight",
-        "linear2",
-        True,
-    ),
-    (r"encoder/layers/(\d+)/attention/output/bias", "encoder.layer.{0}.attention.output.dense.bias", "copy", True),
-    (r"encoder/layers/(\d+)/attention_norm/scale", "encoder.layer.{0}.attention.output.LayerNorm.weight", "copy", True),
-    (r"encoder/layers/(\d+)/attention_norm/bias", "encoder.layer.{0}.attention.output.LayerNorm.bias", "copy", True),
-    (r"encoder/layers/(\d+)/up/kernel", "encoder.layer.{0}.intermediate.dense.weight", "linear1", True),
-    (r"encoder/layers/(\d+)/up/bias", "encoder.layer.{0}.intermediate.dense.bias", "copy", True),
-    (r"encoder/layers/(\d+)/down/kernel", "encoder.layer.{0}.output.dense.weight", "linear1", True),
-    (r"encoder/layers/(\d+)/down/bias", "encoder.layer.{0}.output.dense.bias", "copy", True),
-    (r"encoder/layers/(\d+)/mlp_norm/scale", "encoder.layer.{0}.output.LayerNorm.weight", "copy", True),
-    (r"encoder/layers/(\d+)/mlp_norm/bias", "encoder.layer.{0}.output.LayerNorm.bias", "copy", True),
-    (r"pooler/dense/kernel", "pooler.dense.weight", "linear1", True),
-    (r"pooler/dense/bias", "pooler.dense.bias", "copy", True),
-    (r"classifier/(dense|out_proj)/kernel", "classifier.{0}.weight", "linear1", False),
-    (r"classifier/(dense|out_proj)/bias", "classifier.{0}.bias", "copy", False),
-    (r"classifier/kernel", "classifier.weight", "linear1", False),
-    (r"classifier/bias", "classifier.bias", "copy", False),
+    (r"encoder/layers/(\d+)/attention/(query|key|value)/bias", "encoder.layer.{0}.attention.self.{1}.bias", FLAT),
+    (r"encoder/layers/(\d+)/attention/output/kernel", "encoder.layer.{0}.attention.output.dense.weight", LINEAR2),
+    (r"encoder/layers/(\d+)/attention/output/bias", "encoder.layer.{0}.attention.output.dense.bias", COPY),
+    (r"encoder/layers/(\d+)/attention_norm/scale", "encoder.layer.{0}.attention.output.LayerNorm.weight", COPY),
+    (r"encoder/layers/(\d+)/attention_norm/bias", "encoder.layer.{0}.attention.output.LayerNorm.bias", COPY),
+    (r"encoder/layers/(\d+)/up/kernel", "encoder.layer.{0}.intermediate.dense.weight", LINEAR1),
+    (r"encoder/layers/(\d+)/up/bias", "encoder.layer.{0}.intermediate.dense.bias", COPY),
+    (r"encoder/layers/(\d+)/down/kernel", "encoder.layer.{0}.output.dense.weight", LINEAR1),
+    (r"encoder/layers/(\d+)/down/bias", "encoder.layer.{0}.output.dense.bias", COPY),
+    (r"encoder/layers/(\d+)/mlp_norm/scale", "encoder.layer.{0}.output.LayerNorm.weight", COPY),
+    (r"encoder/layers/(\d+)/mlp_norm/bias", "encoder.layer.{0}.output.LayerNorm.bias", COPY),
+    (r"pooler/dense/kernel", "pooler.dense.weight", LINEAR1),
+    (r"pooler/dense/bias", "pooler.dense.bias", COPY),
+)
+# The task heads' rows: their keys never carry the prefix.
+HEAD_TABLE = (
+    (r"classifier/(dense|out_proj)/kernel", "classifier.{0}.weight", LINEAR1),
+    (r"classifier/(dense|out_proj)/bias", "classifier.{0}.bias", COPY),
+    (r"classifier/kernel", "classifier.weight", LINEAR1),
+    (r"classifier/bias", "classifier.bias", COPY),
 )
 
-# Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
-_LEGACY_SUFFIXES = {".gamma": ".weight", ".beta": ".bias"}
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert")
-
-
-class ArchitectureError(ValueError):
-    """A checkpoint of a family this table does not describe."""
+# model_type -> the stem of its transformers classes (BertForSequenceClassification, ...).
+CLASS_STEMS = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert"}
+# Old TF-converted checkpoints name LayerNorm parameters gamma/beta; legacy Flax msgpack files use Flax's names.
+RENAMES = KeyRenames(suffixes=((".gamma", ".weight"), (".beta", ".bias")), flax_leaves=HF_FLAX_LEAVES)
 
 
 def spec_from_hf_config(hf: dict[str, Any], task: str, num_labels: int, dropout_rate: float = -1.0) -> BertSpec:
@@ -97,50 +89,45 @@ def spec_from_hf_config(hf: dict[str, Any], task: str, num_labels: int, dropout_
     )
 
 
-def body_prefix(spec: BertSpec, model_type: str) -> str:
-    return ("bert" if spec.family == "bert" else model_type.replace("-", "_")) + "."
+def body_prefix(model_type: str) -> str:
+    """The prefix of the body's keys in a task class: every RoBERTa variant keeps its encoder in `self.roberta`
+    (base_model_prefix "roberta"), whatever its model_type."""
+    return "bert." if model_type == "bert" else "roberta."
 
 
-def hf_key_for(path: str, prefix: str) -> tuple[str, str] | None:
-    """(HF key, kind) for a jaxft parameter path, or None if the table has no entry."""
-    for pattern, template, kind, in_body in TABLE:
-        m = re.fullmatch(pattern, path)
-        if m:
-            return (prefix if in_body else "") + template.format(*m.groups()), kind
-    return None
+def detect_prefix(spec: BertSpec, hf: dict[str, Any], keys: set[str]) -> str:
+    """The body prefix of a checkpoint's keys: task checkpoints have it, bare encoders (BertModel, MiniLM) not."""
+    prefix = body_prefix(hf.get("model_type", "bert"))
+    return prefix if any(k.startswith(prefix) for k in keys) else ""
 
 
-def normalize_key(key: str) -> str:
-    for old, new in _LEGACY_SUFFIXES.items():
-        if key.endswith(old):
-            return key[: -len(old)] + new
-    return key
+def hf_entry(path: str, spec: BertSpec, prefix: str) -> HFEntry | None:
+    """The HF key and kind of a '/'-joined jaxft parameter path, or None if the table has no row for it."""
+    return lookup(path, BODY_TABLE, prefix) or lookup(path, HEAD_TABLE)
 
 
-_INPUT_DIMS = {"linear1": 1, "linear2": 2, "conv1": 1, "conv2": 2}
+def hf_class_name(spec: BertSpec, model_type: str) -> str:
+    return CLASS_STEMS[model_type] + TASK_CLASS_SUFFIXES[spec.task]
 
 
-def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The HF tensor shape that holds a jaxft parameter of `shape`."""
-    if kind == "copy":
-        return shape
-    if kind == "flat":
-        return (int(np.prod(shape)),)
-    n_in = _INPUT_DIMS[kind]
-    fan_in, fan_out = int(np.prod(shape[:n_in])), int(np.prod(shape[n_in:]))
-    return (fan_in, fan_out) if kind.startswith("conv") else (fan_out, fan_in)
-
-
-def to_jaxft(kind: str, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if kind in ("copy", "flat", "conv1", "conv2"):
-        return tensor.reshape(shape)
-    return np.ascontiguousarray(tensor.T).reshape(shape)
-
-
-def to_hf(kind: str, array: np.ndarray) -> np.ndarray:
-    if kind == "copy":
-        return array
-    if kind == "flat":
-        return array.reshape(-1)
-    k = array.reshape(int(np.prod(array.shape[: _INPUT_DIMS[kind]])), -1)
-    return k if kind.startswith("conv") else np.ascontiguousarray(k.T)
+def hf_state_keys(spec: BertSpec, prefix: str) -> set[str]:
+    """The state-dict keys of the transformers task class, written out from its modeling code rather than derived
+    from the table, so a parameter the table (or the model) lacks is caught instead of left at random init by
+    `from_pretrained`. Bert*/Roberta* token classes and Roberta* sequence classes have no pooler; Roberta*
+    sequence classes have a two-layer head."""
+    w_b = ("weight", "bias")
+    embeddings = ["word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight"]
+    keys = {f"{prefix}embeddings.{n}" for n in embeddings} | {f"{prefix}embeddings.LayerNorm.{w}" for w in w_b}
+    modules = [f"attention.self.{m}" for m in ("query", "key", "value")] + [
+        "attention.output.dense",
+        "attention.output.LayerNorm",
+        "intermediate.dense",
+        "output.dense",
+        "output.LayerNorm",
+    ]
+    keys |= {f"{prefix}encoder.layer.{i}.{m}.{w}" for i in range(spec.num_layers) for m in modules for w in w_b}
+    sequence = spec.task == "sequence-classification"
+    if sequence and spec.family == "bert":
+        keys |= {f"{prefix}pooler.dense.{w}" for w in w_b}
+    heads = ("classifier.dense", "classifier.out_proj") if sequence and spec.family == "roberta" else ("classifier",)
+    return keys | {f"{h}.{w}" for h in heads for w in w_b}

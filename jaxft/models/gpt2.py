@@ -13,22 +13,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import axes
-from jaxft.models import llama, lora
-from jaxft.models.bert import LayerNorm
-from jaxft.models.llama import (
-    Linear,
-    LlamaModel,
-    build_stacked,
+from jaxft.models.decoder import (
+    AttentionInputs,
+    DecoderModel,
     cache_positions,
-    decode_layers_cached,
     make_attention_mask,
     make_cache_mask,
     make_positions,
     write_cache,
 )
-
-# HF's gelu_new is the tanh approximation of GELU, the same function as gelu_pytorch_tanh.
-ACTIVATIONS = {**llama.ACTIVATIONS, "gelu_new": lambda x: jax.nn.gelu(x, approximate=True)}
+from jaxft.models.layers import ACTIVATIONS, LayerNorm, Linear, build_stacked, normal_init, split_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +47,10 @@ class GPT2Spec:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads  # every head has its own keys and values (no grouped-query attention)
+
 
 class Attention(nnx.Module):
     """Causal self-attention with HF's fused c_attn: one kernel [E, 3, N, H] yields q, k and v."""
@@ -67,7 +65,7 @@ class Attention(nnx.Module):
         self.scale = spec.head_dim**-0.5 if spec.scale_attn_weights else 1.0
 
     def __call__(self, x_BxLxE, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
-        rng_attn, rng_proj = lora.split(rng, 2)
+        rng_attn, rng_proj = split_key(rng, 2)
         qkv_BxLx3xNxH = self.c_attn(x_BxLxE, compute_dtype, rng_attn)
         q_BxLxNxH, k_BxLxNxH, v_BxLxNxH = (qkv_BxLx3xNxH[:, :, i] for i in range(3))
         ctx_BxLxNxH = jax.nn.dot_product_attention(
@@ -103,7 +101,7 @@ class MLP(nnx.Module):
         self.hidden_act = spec.hidden_act
 
     def __call__(self, x_BxLxE, compute_dtype, rng=None):
-        rng_fc, rng_proj = lora.split(rng, 2)
+        rng_fc, rng_proj = split_key(rng, 2)
         h_BxLxF = ACTIVATIONS[self.hidden_act](self.c_fc(x_BxLxE, compute_dtype, rng_fc))
         return self.c_proj(h_BxLxF, compute_dtype, rng_proj)
 
@@ -118,10 +116,10 @@ class Block(nnx.Module):
         self.mlp = MLP(spec, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
-        # `rope` is always None (positions are added once, to the embeddings): the slot keeps llama's
-        # DecoderLayer call signature, so llama's scan/remat layer runner drives these blocks unchanged.
+        # `rope` is always None (positions are added once, to the embeddings): the slot keeps the call signature
+        # that DecoderModel's layer runner drives every family's blocks with.
         del rope
-        rng_attn, rng_mlp = lora.split(rng, 2)
+        rng_attn, rng_mlp = split_key(rng, 2)
         x_BxLxE = x_BxLxE + self.attn(self.ln_1(x_BxLxE), mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
         return x_BxLxE + self.mlp(self.ln_2(x_BxLxE), compute_dtype, rng_mlp)
 
@@ -135,7 +133,7 @@ class Block(nnx.Module):
         return x_BxSxE + self.mlp(self.ln_2(x_BxSxE), compute_dtype), kv
 
 
-class GPT2Model(nnx.Module):
+class GPT2Model(DecoderModel):
     """Decoder + tied LM head. `model(input_ids, attention_mask, segment_ids, positions)` returns fp32 logits
     [B, L, V]. No dropout: fine-tuning here runs without it (as for the Llama family), so HF's *_pdrop are unused.
     """
@@ -145,7 +143,7 @@ class GPT2Model(nnx.Module):
             raise ValueError(f"hidden_size {spec.hidden_size} is not a multiple of num_heads {spec.num_heads}")
         self.spec = spec
         E = spec.hidden_size
-        wte, wpe = (llama._normal(rngs, (n, E), param_dtype) for n in (spec.vocab_size, spec.max_positions))
+        wte, wpe = (normal_init(rngs, (n, E), param_dtype) for n in (spec.vocab_size, spec.max_positions))
         self.wte = nnx.Param(wte, logical_axes=(axes.VOCAB, axes.EMBED))
         self.wpe = nnx.Param(wpe, logical_axes=(axes.POSITIONS, axes.EMBED))
         if spec.scan_layers:
@@ -153,27 +151,7 @@ class GPT2Model(nnx.Module):
         else:
             self.layers = nnx.List([Block(spec, rngs=rngs, dtype=param_dtype) for _ in range(spec.num_layers)])
         self.ln_f = LayerNorm(E, spec.layer_norm_eps, dtype=param_dtype)
-        self.compute_dtype = jnp.dtype(jnp.float32)
-        self.remat = "none"
-        self.attention_impl: str | None = None
-        self.logits_chunk = 0
-
-    # The same static options (compute dtype, remat policy, attention implementation) and the same scanned /
-    # looped layer runner as LlamaModel: both read only the attributes set above.
-    configure = LlamaModel.configure
-    _decode = LlamaModel._decode
-
-    def __call__(
-        self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
-    ) -> jax.Array:
-        """Logits [B, L, V] in fp32.
-
-        attention_mask [B, L]: 0 marks padding (never attended to). segment_ids [B, L]: packed sequences;
-        a token attends only to earlier tokens of its own segment. positions [B, L]: rows of wpe; by
-        default 0.. per row, restarting at each segment when segment_ids are given.
-        """
-        hidden = self.hidden_states(input_ids, attention_mask, segment_ids, positions, dropout_rng=dropout_rng)
-        return self.project(hidden)
+        self.init_options()
 
     def hidden_states(
         self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
@@ -184,7 +162,7 @@ class GPT2Model(nnx.Module):
         mask_Bx1xLxL = make_attention_mask(attention_mask, segment_ids)
         # Sum in the parameter dtype, as HF does, then cast once.
         x_BxLxE = jnp.take(self.wte[...], input_ids_BxL, axis=0) + jnp.take(self.wpe[...], positions_BxL, axis=0)
-        x_BxLxE = self._decode(x_BxLxE.astype(self.compute_dtype), None, mask_Bx1xLxL, dropout_rng)
+        x_BxLxE = self.run_layers(x_BxLxE.astype(self.compute_dtype), AttentionInputs(None, mask_Bx1xLxL), dropout_rng)
         return self.ln_f(x_BxLxE)
 
     def project(self, hidden_BxLxE: jax.Array) -> jax.Array:
@@ -196,12 +174,6 @@ class GPT2Model(nnx.Module):
         logits = jax.lax.dot_general(h2, self.wte[...].astype(cd), dims, preferred_element_type=jnp.float32)
         return logits.reshape(hidden_BxLxE.shape[:-1] + (-1,))
 
-    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
-        """An empty kv cache for generation: k and v [layers, B, T, N, H] in the compute dtype."""
-        s = self.spec
-        shape = (s.num_layers, batch, length, s.num_heads, s.head_dim)
-        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
-
     def decode_with_cache(self, input_ids_BxS, cache, index, start_B, *, last_only: bool = False):
         """Generation over a kv cache, as LlamaModel.decode_with_cache: the S tokens go to slots index..,
         rows are left-padded from start_B. Positions past max_positions would read beyond wpe: the caller
@@ -211,8 +183,8 @@ class GPT2Model(nnx.Module):
         mask_Bx1xSxT = make_cache_mask(slots_S, cache["k"].shape[2], start_B, None)
         positions_BxS = cache_positions(slots_S, start_B)
         x_BxSxE = jnp.take(self.wte[...], input_ids_BxS, axis=0) + jnp.take(self.wpe[...], positions_BxS, axis=0)
-        x_BxSxE, cache = decode_layers_cached(
-            self, x_BxSxE.astype(self.compute_dtype), None, mask_Bx1xSxT, cache, index
+        x_BxSxE, cache = self.run_layers_cached(
+            x_BxSxE.astype(self.compute_dtype), AttentionInputs(None, mask_Bx1xSxT), cache, index
         )
         if last_only:
             x_BxSxE = x_BxSxE[:, -1:]

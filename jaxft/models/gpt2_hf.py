@@ -9,49 +9,36 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jaxft.models import llama_hf
-from jaxft.models.bert_hf import ArchitectureError
-from jaxft.models.gpt2 import ACTIVATIONS, GPT2Spec
-from jaxft.models.llama_hf import HFEntry
-
-__all__ = [
-    "ArchitectureError",
-    "HFEntry",
-    "detect_prefix",
-    "hf_entry",
-    "hf_shape",
-    "ignorable_keys",
-    "spec_from_hf_config",
-    "to_hf",
-    "to_jaxft",
-    "to_jaxft_block",
-]
+from jaxft.models.gpt2 import GPT2Spec
+from jaxft.models.hf_layout import HF_FLAX_LEAVES, ArchitectureError, HFEntry, KeyRenames, Kind, match_entry
+from jaxft.models.layers import ACTIVATIONS
 
 # GPT-2 keeps its projections in HF's Conv1D, whose weight is already [in, out], unlike torch Linear's
-# [out, in]: bert_hf's conv1 / conv2 kinds (a plain reshape, no transpose), plus its copy and flat
-# (HF [3*N*H] -> [3, N, H]).
-
+# [out, in]: the CONV kinds (a plain reshape, no transpose), plus COPY and FLAT (HF [3*N*H] -> [3, N, H]).
+COPY, FLAT, CONV1, CONV2 = Kind.COPY, Kind.FLAT, Kind.CONV1, Kind.CONV2
 # (jaxft path regex outside the layers, HF key template after the prefix, kind)
-GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"wte", "wte.weight", "copy"),
-    (r"wpe", "wpe.weight", "copy"),
-    (r"ln_f/scale", "ln_f.weight", "copy"),
-    (r"ln_f/bias", "ln_f.bias", "copy"),
+GLOBAL_TABLE = (
+    (r"wte", "wte.weight", COPY),
+    (r"wpe", "wpe.weight", COPY),
+    (r"ln_f/scale", "ln_f.weight", COPY),
+    (r"ln_f/bias", "ln_f.bias", COPY),
 )
 # (jaxft path regex inside one layer, HF key template after "{prefix}h.{i}.", kind)
-LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"(ln_1|ln_2)/scale", "{0}.weight", "copy"),
-    (r"(ln_1|ln_2)/bias", "{0}.bias", "copy"),
-    (r"attn/c_attn/kernel", "attn.c_attn.weight", "conv1"),
-    (r"attn/c_attn/bias", "attn.c_attn.bias", "flat"),
-    (r"attn/c_proj/kernel", "attn.c_proj.weight", "conv2"),
-    (r"attn/c_proj/bias", "attn.c_proj.bias", "copy"),
-    (r"mlp/(c_fc|c_proj)/kernel", "mlp.{0}.weight", "conv1"),
-    (r"mlp/(c_fc|c_proj)/bias", "mlp.{0}.bias", "copy"),
+LAYER_TABLE = (
+    (r"(ln_1|ln_2)/scale", "{0}.weight", COPY),
+    (r"(ln_1|ln_2)/bias", "{0}.bias", COPY),
+    (r"attn/c_attn/kernel", "attn.c_attn.weight", CONV1),
+    (r"attn/c_attn/bias", "attn.c_attn.bias", FLAT),
+    (r"attn/c_proj/kernel", "attn.c_proj.weight", CONV2),
+    (r"attn/c_proj/bias", "attn.c_proj.bias", COPY),
+    (r"mlp/(c_fc|c_proj)/kernel", "mlp.{0}.weight", CONV1),
+    (r"mlp/(c_fc|c_proj)/bias", "mlp.{0}.bias", COPY),
 )
 LAYER_PREFIX = "h.{}."
 # GPT2LMHeadModel (and the task heads) keep the body under "transformer."; a bare GPT2Model (the hub's `gpt2`) not.
 BODY_PREFIX = "transformer."
+CLASS_NAME = "GPT2LMHeadModel"  # not GPT2ForCausalLM: the one class that breaks transformers' naming pattern
+RENAMES = KeyRenames(flax_leaves=HF_FLAX_LEAVES)
 
 
 def detect_prefix(keys: Sequence[str]) -> str:
@@ -64,14 +51,16 @@ def hf_entry(path: str, num_layers: int, prefix: str = BODY_PREFIX) -> HFEntry |
 
     `layers/3/mlp/c_fc/kernel` (unscanned) names one key; `layers/mlp/c_fc/kernel` (scanned) names num_layers keys.
     """
-    return llama_hf.match_entry(path, num_layers, GLOBAL_TABLE, LAYER_TABLE, LAYER_PREFIX, prefix)
+    return match_entry(path, num_layers, GLOBAL_TABLE, LAYER_TABLE, LAYER_PREFIX, prefix)
 
 
-# bert_hf knows the conv kinds, so llama_hf's layer-stacking, block-reading converters serve GPT-2 as they are.
-hf_shape = llama_hf.hf_shape
-to_jaxft = llama_hf.to_jaxft
-to_jaxft_block = llama_hf.to_jaxft_block
-to_hf = llama_hf.to_hf
+def hf_state_keys(spec: GPT2Spec, prefix: str) -> set[str]:
+    """GPT2LMHeadModel's state-dict keys: LayerNorms and Conv1D projections with biases; its lm_head is always
+    tied to wte."""
+    w_b = ("weight", "bias")
+    modules = ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    keys = {f"{prefix}wte.weight", f"{prefix}wpe.weight"} | {f"{prefix}ln_f.{w}" for w in w_b}
+    return keys | {f"{prefix}h.{i}.{m}.{w}" for i in range(spec.num_layers) for m in modules for w in w_b}
 
 
 def ignorable_keys(spec: GPT2Spec) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -17,12 +16,17 @@ import numpy as np
 from flax import nnx
 
 from jaxft import axes
-from jaxft.models import lora
-from jaxft.models.remat import REMAT_POLICIES
-
-# Key/value heads under grouped-query attention: fewer than the query heads (axes.HEADS), so a mesh rule may
-# need to treat them differently (a tensor axis larger than the kv head count must replicate them).
-KV_HEADS = "kv_heads"
+from jaxft.models.decoder import (
+    AttentionInputs,
+    DecoderModel,
+    cache_positions,
+    make_attention_mask,
+    make_band_mask,
+    make_cache_mask,
+    make_positions,
+    write_cache,
+)
+from jaxft.models.layers import ACTIVATIONS, Linear, RMSNorm, build_stacked, normal_init, split_key
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -78,14 +82,6 @@ class LlamaSpec:
     scan_layers: bool = True
 
 
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-
 # ------------------------------------------------------------------------------------------------- RoPE
 
 
@@ -133,98 +129,7 @@ def apply_rope(x_BxLxNxH: jax.Array, cos_BxLxH2: jax.Array, sin_BxLxH2: jax.Arra
     return rotated.astype(x_BxLxNxH.dtype)
 
 
-# ------------------------------------------------------------------------------------------ masks, positions
-
-
-def make_positions(input_ids_BxL: jax.Array, segment_ids_BxL: jax.Array | None) -> jax.Array:
-    """0, 1, 2, ... per row, restarting at every segment change when segment ids are given (packed rows)."""
-    idx_BxL = jnp.broadcast_to(jnp.arange(input_ids_BxL.shape[1]), input_ids_BxL.shape)
-    if segment_ids_BxL is None:
-        return idx_BxL
-    seg = jnp.asarray(segment_ids_BxL)
-    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    return idx_BxL - jax.lax.cummax(jnp.where(starts, idx_BxL, 0), axis=1)
-
-
-def make_attention_mask(attention_mask_BxL: Any, segment_ids_BxL: Any) -> jax.Array | None:
-    """[B, 1, L, L] bool: keys that are real tokens of the query's own segment; None when nothing restricts.
-
-    Causality and the sliding window are not in it: dot_product_attention adds them from static flags.
-    """
-    mask = None
-    if segment_ids_BxL is not None:
-        seg = jnp.asarray(segment_ids_BxL)
-        mask = seg[:, :, None] == seg[:, None, :]
-    if attention_mask_BxL is not None:
-        keys_Bx1xL = (jnp.asarray(attention_mask_BxL) > 0)[:, None, :]
-        mask = keys_Bx1xL if mask is None else mask & keys_Bx1xL
-    return None if mask is None else mask[:, None]
-
-
-def make_cache_mask(slots_S: jax.Array, length: int, start_B: jax.Array, window: int | None) -> jax.Array:
-    """[B, 1, S, T] bool for S queries at cache slots `slots_S` over a cache of T slots whose rows are left-padded
-    (row b's tokens fill slots start_B[b]..): keys that are filled, not after the query, and within the sliding
-    window. dot_product_attention's is_causal aligns top-left, wrong once the queries sit at the cache's end.
-    A padding query keeps its own slot, so no row of the softmax is empty."""
-    keys_T = jnp.arange(length)
-    ok_BxSxT = (keys_T[None, None, :] >= start_B[:, None, None]) & (keys_T[None, :] <= slots_S[:, None])[None]
-    if window is not None:
-        ok_BxSxT = ok_BxSxT & (slots_S[:, None] - keys_T[None, :] < window)[None]
-    return (ok_BxSxT | (keys_T[None, :] == slots_S[:, None])[None])[:, None]
-
-
-def cache_positions(slots_S: jax.Array, start_B: jax.Array) -> jax.Array:
-    """[B, S] positions of tokens at cache slots `slots_S` in left-padded rows (0 at a row's first token)."""
-    return jnp.maximum(slots_S[None, :] - start_B[:, None], 0)
-
-
 # ------------------------------------------------------------------------------------------------- layers
-
-
-def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
-
-
-class Linear(nnx.Module):
-    """y = x·W (+ b) over the last `len(in_shape)` dims; W has shape in_shape + out_shape."""
-
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
-        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        self.kernel = nnx.Param(_normal(rngs, in_shape + out_shape, dtype), logical_axes=tuple(in_axes + out_axes))
-        if bias:
-            self.bias = nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=tuple(out_axes))
-        self.n_in = len(in_shape)
-
-    def __call__(self, x: jax.Array, compute_dtype: Any, rng: jax.Array | None = None) -> jax.Array:
-        """`rng` drives LoRA dropout only (training); the base path has no dropout."""
-        kernel = self.kernel[...].astype(compute_dtype)
-        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
-        lead = x.shape[: x.ndim - self.n_in]
-        # One plain 2-D matmul (XLA:CPU is slow on dots with several batch/contracting dims), accumulated in fp32.
-        x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
-        y = jnp.matmul(x2, kernel.reshape(x2.shape[1], -1), preferred_element_type=jnp.float32)
-        if hasattr(self, "lora_a"):
-            y = y + lora.delta(self, x2, compute_dtype, rng)
-        y = y.reshape(lead + out_shape)
-        if hasattr(self, "bias"):
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(compute_dtype)
-
-
-class RMSNorm(nnx.Module):
-    """x / rms(x) · w, or · (1 + w) with `offset` (Gemma, whose w starts at 0)."""
-
-    def __init__(self, size: int, eps: float, *, dtype=jnp.float32, offset: bool = False):
-        self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((size,), dtype), logical_axes=(axes.NORM,))
-        self.eps = eps
-        self.offset = offset
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # Statistics in fp32 whatever the compute dtype: a bf16 mean of squares is too coarse.
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        scale = self.scale[...].astype(jnp.float32)
-        return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
 
 
 def make_norm(spec: LlamaSpec, size: int, dtype: Any) -> RMSNorm:
@@ -234,7 +139,7 @@ def make_norm(spec: LlamaSpec, size: int, dtype: Any) -> RMSNorm:
 class Attention(nnx.Module):
     def __init__(self, spec: LlamaSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
         E, N, K, H = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
-        q_axes, kv_axes = (axes.HEADS, axes.KV), (KV_HEADS, axes.KV)
+        q_axes, kv_axes = (axes.HEADS, axes.KV), (axes.KV_HEADS, axes.KV)
         self.q_proj = Linear((E,), (N, H), (axes.EMBED,), q_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
         self.k_proj = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
         self.v_proj = Linear((E,), (K, H), (axes.EMBED,), kv_axes, bias=spec.qkv_bias, rngs=rngs, dtype=dtype)
@@ -256,7 +161,7 @@ class Attention(nnx.Module):
         return apply_rope(q_BxLxNxH, *rope), apply_rope(k_BxLxKxH, *rope), v_BxLxKxH
 
     def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
-        rng_q, rng_k, rng_v, rng_o = lora.split(rng, 4)
+        rng_q, rng_k, rng_v, rng_o = split_key(rng, 4)
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self._qkv(x_BxLxE, rope, compute_dtype, (rng_q, rng_k, rng_v))
         # Interleaved layers get their window in the mask (per layer, traced under scan); uniform ones statically.
         window = None if self.spec.layer_types else self.spec.sliding_window
@@ -290,14 +195,6 @@ class Attention(nnx.Module):
         return self.o_proj(ctx_BxSxNxH, compute_dtype), (k_BxTxKxH, v_BxTxKxH)
 
 
-def write_cache(kv, k_BxSxKxH, v_BxSxKxH, index):
-    """The layer's cache (k, v [B, T, K, H]) with S new keys and values written at slots index.. index+S-1."""
-    k_BxTxKxH, v_BxTxKxH = kv
-    k_BxTxKxH = jax.lax.dynamic_update_slice_in_dim(k_BxTxKxH, k_BxSxKxH.astype(k_BxTxKxH.dtype), index, axis=1)
-    v_BxTxKxH = jax.lax.dynamic_update_slice_in_dim(v_BxTxKxH, v_BxSxKxH.astype(v_BxTxKxH.dtype), index, axis=1)
-    return k_BxTxKxH, v_BxTxKxH
-
-
 class MLP(nnx.Module):
     """SwiGLU: down(act(gate(x)) * up(x))."""
 
@@ -309,7 +206,7 @@ class MLP(nnx.Module):
         self.hidden_act = spec.hidden_act
 
     def __call__(self, x_BxLxE, compute_dtype, rng=None):
-        rng_gate, rng_up, rng_down = lora.split(rng, 3)
+        rng_gate, rng_up, rng_down = split_key(rng, 3)
         gate_BxLxF = ACTIVATIONS[self.hidden_act](self.gate_proj(x_BxLxE, compute_dtype, rng_gate))
         h_BxLxF = gate_BxLxF * self.up_proj(x_BxLxE, compute_dtype, rng_up)
         return self.down_proj(h_BxLxF, compute_dtype, rng_down)
@@ -331,7 +228,7 @@ class DecoderLayer(nnx.Module):
         self.sandwich = spec.sandwich_norms
 
     def __call__(self, x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng=None):
-        rng_attn, rng_mlp = lora.split(rng, 2)
+        rng_attn, rng_mlp = split_key(rng, 2)
         normed_BxLxE = self.input_layernorm(x_BxLxE)
         attn_BxLxE = self.self_attn(normed_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng_attn)
         return self._mlp_block(self._attention_residual(x_BxLxE, attn_BxLxE), compute_dtype, rng_mlp)
@@ -354,50 +251,22 @@ class DecoderLayer(nnx.Module):
         return self._mlp_block(self._attention_residual(x_BxSxE, attn_BxSxE), compute_dtype), kv
 
 
-def build_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
-    """One layer (from `make_layer`) whose every parameter has a leading `layers` axis of size num_layers."""
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
-        return make_layer(layer_rngs)
-
-    layers = make(rngs)
-    # vmap stacks the values but leaves our `logical_axes` metadata as it was: name the new axis here.
-    for _, node in nnx.iter_graph(layers):
-        if isinstance(node, nnx.Variable):
-            node.set_metadata("logical_axes", (axes.LAYERS,) + tuple(node.get_metadata()["logical_axes"]))
-    return layers
-
-
 def build_stacked_layers(spec: LlamaSpec, rngs: nnx.Rngs, dtype: Any) -> DecoderLayer:
     """One DecoderLayer whose every parameter has a leading `layers` axis of size num_layers."""
     return build_stacked(lambda r: DecoderLayer(spec, rngs=r, dtype=dtype), spec.num_layers, rngs)
 
 
-def _layer_fn(graphdef: nnx.GraphDef, compute_dtype: Any, attention_impl: str | None, remat: str, scanned: bool):
-    """A pure (layer params, x, rope, mask, rng) -> x with the static options bound, wrapped in jax.checkpoint."""
-
-    def run(params, x_BxLxE, rope, mask_Bx1xLxL, rng):
-        return nnx.merge(graphdef, params)(x_BxLxE, rope, mask_Bx1xLxL, compute_dtype, attention_impl, rng)
-
-    if remat == "none":
-        return run
-    # Inside scan the loop boundary already stops XLA from merging the recomputation away.
-    return jax.checkpoint(run, policy=REMAT_POLICIES[remat], prevent_cse=not scanned)
-
-
 # -------------------------------------------------------------------------------------------------- model
 
 
-class LlamaModel(nnx.Module):
+class LlamaModel(DecoderModel):
     """Decoder + LM head. `model(input_ids, attention_mask, segment_ids, positions)` returns fp32 logits [B, L, V]."""
 
     def __init__(self, spec: LlamaSpec, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         if spec.num_heads % spec.num_kv_heads:
             raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads {spec.num_kv_heads}")
         self.spec = spec
-        embedding = _normal(rngs, (spec.vocab_size, spec.hidden_size), param_dtype)
+        embedding = normal_init(rngs, (spec.vocab_size, spec.hidden_size), param_dtype)
         self.embed_tokens = nnx.Param(embedding, logical_axes=(axes.VOCAB, axes.EMBED))
         if spec.scan_layers:
             self.layers = build_stacked_layers(spec, rngs, param_dtype)
@@ -407,43 +276,7 @@ class LlamaModel(nnx.Module):
         if not spec.tie_word_embeddings:
             E, V = spec.hidden_size, spec.vocab_size
             self.lm_head = Linear((E,), (V,), (axes.EMBED,), (axes.VOCAB,), bias=False, rngs=rngs, dtype=param_dtype)
-        self.compute_dtype = jnp.dtype(jnp.float32)
-        self.remat = "none"
-        self.attention_impl: str | None = None
-        self.logits_chunk = 0
-
-    def configure(
-        self,
-        compute_dtype: Any = jnp.float32,
-        remat: bool | str = "none",
-        attention_impl: str | None = None,
-        logits_chunk: int = 0,
-    ) -> LlamaModel:
-        """Sets static execution options (not parameters). remat: none | full | dots_saveable |
-        dots_with_no_batch_dims_saveable (True/False mean full/none); attention_impl: None | "xla" | "cudnn";
-        logits_chunk: positions per row whose logits the training loss computes at a time (0: all)."""
-        if isinstance(remat, bool):  # the engine's ModelConfig.remat is a bool
-            remat = "full" if remat else "none"
-        if remat != "none" and remat not in REMAT_POLICIES:
-            raise ValueError(f"remat {remat!r} is not one of: none, {', '.join(REMAT_POLICIES)}")
-        self.compute_dtype = jnp.dtype(compute_dtype)
-        self.remat = remat
-        self.attention_impl = attention_impl
-        self.logits_chunk = int(logits_chunk)
-        return self
-
-    def __call__(
-        self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
-    ) -> jax.Array:
-        """Logits [B, L, V] in fp32.
-
-        attention_mask [B, L]: 0 marks padding (never attended to). segment_ids [B, L]: packed sequences;
-        a token attends only to earlier tokens of its own segment. positions [B, L]: RoPE positions; by
-        default 0.. per row, restarting at each segment when segment_ids are given. dropout_rng: LoRA
-        dropout while training (the only dropout in the decoders).
-        """
-        hidden = self.hidden_states(input_ids, attention_mask, segment_ids, positions, dropout_rng=dropout_rng)
-        return self.project(hidden)
+        self.init_options()
 
     def hidden_states(
         self, input_ids, attention_mask=None, segment_ids=None, positions=None, *, dropout_rng=None
@@ -451,17 +284,14 @@ class LlamaModel(nnx.Module):
         """The final-normed hidden states [B, L, E] in the compute dtype (what `project` turns into logits)."""
         input_ids_BxL = jnp.asarray(input_ids)
         positions_BxL = make_positions(input_ids_BxL, segment_ids) if positions is None else jnp.asarray(positions)
-        rope = rope_cos_sin(self.spec, positions_BxL)
         mask_Bx1xLxL = make_attention_mask(attention_mask, segment_ids)
         local = None
         if self.spec.layer_types:  # sliding layers: their own RoPE, and the window on top of the mask
-            L = input_ids_BxL.shape[1]
-            q, k = np.arange(L)[:, None], np.arange(L)[None, :]
-            band_1x1xLxL = jnp.asarray(q - k < self.spec.sliding_window)[None, None]
+            band_1x1xLxL = make_band_mask(input_ids_BxL.shape[1], self.spec.sliding_window)
             local_mask = band_1x1xLxL if mask_Bx1xLxL is None else mask_Bx1xLxL & band_1x1xLxL
             local = (rope_cos_sin(local_rope_spec(self.spec), positions_BxL), local_mask)
-        x_BxLxE = self.embed(input_ids_BxL)
-        x_BxLxE = self._decode(x_BxLxE, rope, mask_Bx1xLxL, dropout_rng, local)
+        inputs = AttentionInputs(rope_cos_sin(self.spec, positions_BxL), mask_Bx1xLxL, local, sliding_layers(self.spec))
+        x_BxLxE = self.run_layers(self.embed(input_ids_BxL), inputs, dropout_rng)
         return self.norm(x_BxLxE)
 
     def embed(self, input_ids_BxL: jax.Array) -> jax.Array:
@@ -488,12 +318,6 @@ class LlamaModel(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return logits.reshape(hidden_BxLxE.shape[:-1] + (-1,))
 
-    def init_cache(self, batch: int, length: int) -> dict[str, jax.Array]:
-        """An empty kv cache for generation: k and v [layers, B, T, K, H] in the compute dtype."""
-        s = self.spec
-        shape = (s.num_layers, batch, length, s.num_kv_heads, s.head_dim)
-        return {"k": jnp.zeros(shape, self.compute_dtype), "v": jnp.zeros(shape, self.compute_dtype)}
-
     def decode_with_cache(self, input_ids_BxS, cache, index, start_B, *, last_only: bool = False):
         """Generation over a kv cache: (fp32 logits [B, S, V] (S = 1 with last_only), updated cache).
 
@@ -505,102 +329,24 @@ class LlamaModel(nnx.Module):
         slots_S = index + jnp.arange(input_ids_BxS.shape[1])
         T, spec = cache["k"].shape[2], self.spec
         positions_BxS = cache_positions(slots_S, start_B)
-        rope = rope_cos_sin(spec, positions_BxS)
         local = None
         if spec.layer_types:  # sliding layers: their own RoPE and windowed mask
             local_mask = make_cache_mask(slots_S, T, start_B, spec.sliding_window)
             local = (rope_cos_sin(local_rope_spec(spec), positions_BxS), local_mask)
         mask_Bx1xSxT = make_cache_mask(slots_S, T, start_B, None if spec.layer_types else spec.sliding_window)
-        x_BxSxE = self.embed(input_ids_BxS)
-        x_BxSxE, cache = decode_layers_cached(self, x_BxSxE, rope, mask_Bx1xSxT, cache, index, local)
+        inputs = AttentionInputs(rope_cos_sin(spec, positions_BxS), mask_Bx1xSxT, local, sliding_layers(spec))
+        x_BxSxE, cache = self.run_layers_cached(self.embed(input_ids_BxS), inputs, cache, index)
         if last_only:
             x_BxSxE = x_BxSxE[:, -1:]
         return self.project(self.norm(x_BxSxE)), cache
 
-    def _decode(self, x_BxLxE, rope, mask_Bx1xLxL, rng=None, local=None):
-        """The layers; `local` = (RoPE, mask) of sliding layers when layers are interleaved (spec.layer_types)."""
-        cd, impl, scanned = self.compute_dtype, self.attention_impl, self.spec.scan_layers
-        layer_rngs = None if rng is None else jax.random.split(rng, self.spec.num_layers)
-        sliding_Ly = sliding_layers(self.spec)
-        if scanned:
-            graphdef, stacked = nnx.split(self.layers)
-            run = _layer_fn(graphdef, cd, impl, self.remat, scanned=True)
 
-            def body(x, xs):
-                params, layer_rng, sliding = xs
-                layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xLxL, local)
-                return run(params, x, layer_rope, layer_mask, layer_rng), None
-
-            x_BxLxE, _ = jax.lax.scan(body, x_BxLxE, (stacked, layer_rngs, sliding_Ly))
-            return x_BxLxE
-        for i, layer in enumerate(self.layers):
-            graphdef, params = nnx.split(layer)
-            layer_rng = None if layer_rngs is None else layer_rngs[i]
-            run = _layer_fn(graphdef, cd, impl, self.remat, scanned=False)
-            sliding = None if sliding_Ly is None else bool(sliding_Ly[i])
-            layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xLxL, local)
-            x_BxLxE = run(params, x_BxLxE, layer_rope, layer_mask, layer_rng)
-        return x_BxLxE
-
-
-def sliding_layers(spec: Any) -> np.ndarray | None:
+def sliding_layers(spec: LlamaSpec) -> np.ndarray | None:
     """[num_layers] bool, True where a layer attends within the sliding window, for interleaved models (Gemma 3);
     None when every layer is alike."""
-    layer_types = getattr(spec, "layer_types", ())
-    return np.asarray([t == "sliding_attention" for t in layer_types]) if layer_types else None
+    return np.asarray([t == "sliding_attention" for t in spec.layer_types]) if spec.layer_types else None
 
 
 def local_rope_spec(spec: LlamaSpec) -> LlamaSpec:
     """The spec whose RoPE the sliding layers use."""
     return dataclasses.replace(spec, rope=spec.local_rope or spec.rope)
-
-
-def layer_attention_inputs(sliding, rope, mask, local):
-    """(RoPE, mask) for one layer: the global ones, or `local`'s for a sliding layer. `sliding` is None (layers
-    alike), a Python bool (unscanned) or a traced bool (the scanned layer's flag)."""
-    if sliding is None or local is None:
-        return rope, mask
-    local_rope, local_mask = local
-    if isinstance(sliding, bool):
-        return (local_rope, local_mask) if sliding else (rope, mask)
-    full_mask = jnp.ones_like(local_mask) if mask is None else mask
-    pick = lambda full, loc: jnp.where(sliding, loc, full)
-    return jax.tree.map(pick, rope, local_rope), pick(full_mask, local_mask)
-
-
-def decode_layers_cached(model: nnx.Module, x_BxSxE, rope, mask_Bx1xSxT, cache: dict, index, local=None):
-    """The layers over S new tokens with a kv cache {"k", "v": [layers, B, T, K, H]}: scanned models scan over
-    the cache's layer slices as they scan over the stacked weights; unscanned ones loop. No remat, no dropout.
-    `local` = (RoPE, mask) of sliding layers in interleaved models."""
-    cd, impl = model.compute_dtype, model.attention_impl
-    sliding_Ly = sliding_layers(model.spec)
-    if model.spec.scan_layers:
-        graphdef, stacked = nnx.split(model.layers)
-
-        def body(x, xs):
-            params, k, v, sliding = xs
-            layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xSxT, local)
-            layer = nnx.merge(graphdef, params)
-            return layer.decode_cached(x, layer_rope, (k, v), index, layer_mask, cd, impl)
-
-        x_BxSxE, (k, v) = jax.lax.scan(body, x_BxSxE, (stacked, cache["k"], cache["v"], sliding_Ly))
-        return x_BxSxE, {"k": k, "v": v}
-    ks, vs = [], []
-    for i, layer in enumerate(model.layers):
-        sliding = None if sliding_Ly is None else bool(sliding_Ly[i])
-        layer_rope, layer_mask = layer_attention_inputs(sliding, rope, mask_Bx1xSxT, local)
-        x_BxSxE, (k, v) = layer.decode_cached(
-            x_BxSxE, layer_rope, (cache["k"][i], cache["v"][i]), index, layer_mask, cd, impl
-        )
-        ks.append(k)
-        vs.append(v)
-    return x_BxSxE, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
-
-
-def layer_index(path: str) -> int | None:
-    """The decoder layer a '/'-joined parameter path of an unscanned model belongs to, or None
-    (scanned models hold all layers in each `layers/...` tensor)."""
-    parts = path.split("/")
-    if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
-        return int(parts[1])
-    return None

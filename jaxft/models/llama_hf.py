@@ -6,53 +6,55 @@ Reading or writing files is load.py's and export's job; this module only names a
 
 from __future__ import annotations
 
-import dataclasses
-import re
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from jaxft.models import bert_hf
-from jaxft.models.bert_hf import ArchitectureError
-from jaxft.models.llama import ACTIVATIONS, ROPE_TYPES, LlamaSpec, RopeSpec
-
-__all__ = ["ArchitectureError", "HFEntry", "hf_entry", "hf_shape", "spec_from_hf_config", "to_hf", "to_jaxft"]
+from jaxft.models.hf_layout import (
+    HF_FLAX_LEAVES,
+    TASK_CLASS_SUFFIXES,
+    ArchitectureError,
+    HFEntry,
+    KeyRenames,
+    Kind,
+    match_entry,
+)
+from jaxft.models.layers import ACTIVATIONS
+from jaxft.models.llama import ROPE_TYPES, LlamaSpec, RopeSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
+# model_type -> the stem of its transformers causal-LM class (LlamaForCausalLM, ...).
+CLASS_STEMS = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma": "Gemma",
+    "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3",
+}
+RENAMES = KeyRenames(flax_leaves=HF_FLAX_LEAVES)
 
-# Kinds are bert_hf's: copy (same shape), flat (HF [N*H] -> [N, H]), linear1 / linear2 (torch Linear [out, in]
-# -> kernel [in..., out...] with one / two input dims).
+COPY, FLAT, LINEAR1, LINEAR2 = Kind.COPY, Kind.FLAT, Kind.LINEAR1, Kind.LINEAR2
 # (jaxft path regex outside the layers, HF key template, kind)
-GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"embed_tokens", "model.embed_tokens.weight", "copy"),
-    (r"norm/scale", "model.norm.weight", "copy"),
-    (r"lm_head/kernel", "lm_head.weight", "linear1"),
+GLOBAL_TABLE = (
+    (r"embed_tokens", "model.embed_tokens.weight", COPY),
+    (r"norm/scale", "model.norm.weight", COPY),
+    (r"lm_head/kernel", "lm_head.weight", LINEAR1),
 )
 # (jaxft path regex inside one layer, HF key template after "model.layers.{i}.", kind)
-LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
-    (r"self_attn/(q|k|v)_proj/kernel", "self_attn.{0}_proj.weight", "linear1"),
-    (r"self_attn/(q|k|v)_proj/bias", "self_attn.{0}_proj.bias", "flat"),
-    (r"self_attn/o_proj/kernel", "self_attn.o_proj.weight", "linear2"),
-    (r"self_attn/o_proj/bias", "self_attn.o_proj.bias", "copy"),
-    (r"self_attn/(q|k)_norm/scale", "self_attn.{0}_norm.weight", "copy"),
-    (r"input_layernorm/scale", "input_layernorm.weight", "copy"),
-    (r"post_attention_layernorm/scale", "post_attention_layernorm.weight", "copy"),
-    (r"(pre|post)_feedforward_layernorm/scale", "{0}_feedforward_layernorm.weight", "copy"),  # Gemma 2/3
-    (r"mlp/(gate|up|down)_proj/kernel", "mlp.{0}_proj.weight", "linear1"),
-    (r"mlp/(gate|up|down)_proj/bias", "mlp.{0}_proj.bias", "copy"),
+LAYER_TABLE = (
+    (r"self_attn/(q|k|v)_proj/kernel", "self_attn.{0}_proj.weight", LINEAR1),
+    (r"self_attn/(q|k|v)_proj/bias", "self_attn.{0}_proj.bias", FLAT),
+    (r"self_attn/o_proj/kernel", "self_attn.o_proj.weight", LINEAR2),
+    (r"self_attn/o_proj/bias", "self_attn.o_proj.bias", COPY),
+    (r"self_attn/(q|k)_norm/scale", "self_attn.{0}_norm.weight", COPY),
+    (r"input_layernorm/scale", "input_layernorm.weight", COPY),
+    (r"post_attention_layernorm/scale", "post_attention_layernorm.weight", COPY),
+    (r"(pre|post)_feedforward_layernorm/scale", "{0}_feedforward_layernorm.weight", COPY),  # Gemma 2/3
+    (r"mlp/(gate|up|down)_proj/kernel", "mlp.{0}_proj.weight", LINEAR1),
+    (r"mlp/(gate|up|down)_proj/bias", "mlp.{0}_proj.bias", COPY),
 )
 LAYER_PREFIX = "model.layers.{}."
-
-
-@dataclasses.dataclass(frozen=True)
-class HFEntry:
-    """The HF tensors behind one jaxft parameter: one key, or one key per layer when `stacked` (scan_layers)."""
-
-    keys: tuple[str, ...]
-    kind: str
-    stacked: bool
 
 
 def hf_entry(path: str, num_layers: int) -> HFEntry | None:
@@ -64,68 +66,32 @@ def hf_entry(path: str, num_layers: int) -> HFEntry | None:
     return match_entry(path, num_layers, GLOBAL_TABLE, LAYER_TABLE, LAYER_PREFIX)
 
 
-def match_entry(
-    path: str,
-    num_layers: int,
-    global_table: Sequence[tuple[str, str, str]],
-    layer_table: Sequence[tuple[str, str, str]],
-    layer_prefix: str,
-    prefix: str = "",
-) -> HFEntry | None:
-    """A decoder family's table lookup: global parameters, then `layers/[i/]...` against the per-layer table,
-    whose keys live under `prefix + layer_prefix.format(i)` (one per layer when the parameter is stacked)."""
-    for pattern, template, kind in global_table:
-        if re.fullmatch(pattern, path):
-            return HFEntry((prefix + template,), kind, False)
-    m = re.fullmatch(r"layers/(?:(\d+)/)?(.+)", path)
-    if m is None:
-        return None
-    index, rest = m.groups()
-    for pattern, template, kind in layer_table:
-        inner = re.fullmatch(pattern, rest)
-        if inner:
-            key = template.format(*inner.groups())
-            layers = range(num_layers) if index is None else (int(index),)
-            return HFEntry(tuple(prefix + layer_prefix.format(i) + key for i in layers), kind, index is None)
-    return None
-
-
-def hf_shape(entry: HFEntry, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of each HF tensor of `entry` for a jaxft parameter of `shape`."""
-    return bert_hf.hf_shape(entry.kind, tuple(shape[1:]) if entry.stacked else tuple(shape))
-
-
-def to_jaxft(entry: HFEntry, tensors: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
-    """HF tensors (in entry.keys order) -> the jaxft parameter; stacked entries stack the layers on axis 0."""
-    if not entry.stacked:
-        return bert_hf.to_jaxft(entry.kind, tensors[0], tuple(shape))
-    return np.stack([bert_hf.to_jaxft(entry.kind, t, tuple(shape[1:])) for t in tensors])
-
-
-def to_jaxft_block(
-    entry: HFEntry, read: Callable[[str], np.ndarray], shape: tuple[int, ...], index: tuple[slice, ...]
-) -> np.ndarray:
-    """Only the block `index` of the jaxft parameter (a `make_array_from_callback` shard), reading only the
-    layers that block covers, so a stacked parameter never exists whole on the host."""
-    if not entry.stacked:
-        return bert_hf.to_jaxft(entry.kind, read(entry.keys[0]), tuple(shape))[index]
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    layers = range(*index[0].indices(shape[0]))
-    blocks = [bert_hf.to_jaxft(entry.kind, read(entry.keys[i]), tuple(shape[1:]))[index[1:]] for i in layers]
-    return np.stack(blocks)
-
-
-def to_hf(entry: HFEntry, array: np.ndarray) -> dict[str, np.ndarray]:
-    """The jaxft parameter -> {HF key: tensor}; a stacked parameter unstacks into one tensor per layer."""
-    if not entry.stacked:
-        return {entry.keys[0]: bert_hf.to_hf(entry.kind, array)}
-    return {key: bert_hf.to_hf(entry.kind, array[i]) for i, key in enumerate(entry.keys)}
-
-
 def ignorable_keys(spec: LlamaSpec) -> tuple[str, ...]:
     """Checkpoint keys (regexes) that may be present but have no parameter: old RoPE buffers, a tied lm_head."""
     keys = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
     return keys + ((r"lm_head\.weight",) if spec.tie_word_embeddings else ())
+
+
+def hf_class_name(spec: LlamaSpec, model_type: str) -> str:
+    return CLASS_STEMS[model_type] + TASK_CLASS_SUFFIXES["causal-lm"]
+
+
+def hf_state_keys(spec: LlamaSpec, prefix: str = "") -> set[str]:
+    """The state-dict keys of LlamaForCausalLM and its Mistral / Qwen2 / Qwen3 / Gemma siblings, written out from
+    their modeling code: biases, q/k norms and Gemma 2/3's sandwich norms where the config has them; a tied
+    lm_head is the embedding, not a tensor of its own. (The table writes the body's "model." itself.)"""
+    del prefix
+    attn = [f"self_attn.{m}_proj.weight" for m in "qkvo"] + [f"self_attn.{m}_proj.bias" for m in "qkv" if spec.qkv_bias]
+    attn += ["self_attn.o_proj.bias"] if spec.o_bias else []
+    attn += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if spec.qk_norm else []
+    mlp_params = ("weight", "bias") if spec.mlp_bias else ("weight",)
+    mlp = [f"mlp.{m}_proj.{w}" for m in ("gate", "up", "down") for w in mlp_params]
+    layer = attn + mlp + ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    layer += ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"] if spec.sandwich_norms else []
+    keys = {"model.embed_tokens.weight", "model.norm.weight"} | (
+        set() if spec.tie_word_embeddings else {"lm_head.weight"}
+    )
+    return keys | {f"model.layers.{i}.{name}" for i in range(spec.num_layers) for name in layer}
 
 
 # ------------------------------------------------------------------------------------------------- config

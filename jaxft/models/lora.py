@@ -1,21 +1,22 @@
 """LoRA adapters on the decoders' linear layers: y = x·W + (dropout(x)·A)·B · alpha/rank, with W frozen by the
 freeze rules and A [in..., r], B [r, out...] trained. B starts at zero, so an adapted model starts as the base.
 
-Owns the adapter parameters and their math; which layers get one is decided by `paths.match_first` over
-`lora.targets` (module paths such as `layers/self_attn/q_proj`), and freezing is freeze.py's job.
+Owns the adapter parameters and the merged kernel (a Linear with an adapter adds its term itself: layers.Linear);
+which layers get one is decided by `paths.match_first` over `lora.targets` (module paths such as
+`layers/self_attn/q_proj`), and freezing is freeze.py's job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxft import axes, paths
+from jaxft.models.layers import Adapter, Linear
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,15 +30,25 @@ class LoraSpec:
 ADAPTER_PARAMS = r".*/lora_[ab]"  # the parameter paths this module adds (for load.new_params, freeze rules)
 
 
-def split(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if rng is None else list(jax.random.split(rng, n))
+def is_adapter(path: str) -> bool:
+    """Whether a '/'-joined parameter path is a LoRA adapter's A or B."""
+    return paths.matches_any(path, (ADAPTER_PARAMS,))
+
+
+def adapted_kernel(adapter_path: str) -> str:
+    """The kernel an adapter parameter sits beside: `.../q_proj/lora_a` -> `.../q_proj/kernel`."""
+    return adapter_path.rpartition("/")[0] + "/kernel"
+
+
+def adapter_paths(kernel_path: str) -> tuple[str, str]:
+    """(A, B) parameter paths of the adapter on the layer whose kernel is `kernel_path`."""
+    module = kernel_path.rpartition("/")[0]
+    return f"{module}/lora_a", f"{module}/lora_b"
 
 
 def attach(model: nnx.Module, spec: LoraSpec, rngs: nnx.Rngs) -> list[str]:
     """Adds an adapter to every linear layer whose module path a `spec.targets` regex fully matches; a regex
     that matches no linear layer is an error (paths.RuleError). Returns the adapted module paths."""
-    from jaxft.models.llama import Linear
-
     linears = {paths.path_str(p): node for p, node in nnx.iter_graph(model) if isinstance(node, Linear)}
     taken = paths.match_first(list(linears), spec.targets, "lora.targets", require_cover=False)
     adapted = [p for p, rule in taken.items() if rule is not None]
@@ -46,7 +57,7 @@ def attach(model: nnx.Module, spec: LoraSpec, rngs: nnx.Rngs) -> list[str]:
     return adapted
 
 
-def add_adapter(linear: nnx.Module, spec: LoraSpec, rngs: nnx.Rngs) -> None:
+def add_adapter(linear: Linear, spec: LoraSpec, rngs: nnx.Rngs) -> None:
     """A [lead..., in..., r] and B [lead..., r, out...] next to the kernel [lead..., in..., out...], where lead is
     the stacked `layers` axis of a scanned model (each scan step then sees one layer's adapter)."""
     kernel = linear.kernel
@@ -61,19 +72,7 @@ def add_adapter(linear: nnx.Module, spec: LoraSpec, rngs: nnx.Rngs) -> None:
     linear.lora_a = nnx.Param(a, logical_axes=logical[: lead + n_in] + (None,))
     b = jnp.zeros(shape[:lead] + (spec.rank,) + out_shape, kernel.dtype)
     linear.lora_b = nnx.Param(b, logical_axes=logical[:lead] + (None,) + logical[lead + n_in :])
-    linear.lora_scale = spec.alpha / spec.rank
-    linear.lora_dropout = spec.dropout
-
-
-def delta(linear: nnx.Module, x2: jax.Array, compute_dtype: Any, rng: jax.Array | None) -> jax.Array:
-    """The adapter's contribution for flattened inputs x2 [T, in] as fp32 [T, out]."""
-    from jaxft.models.bert import dropout
-
-    a = linear.lora_a[...].astype(compute_dtype)
-    b = linear.lora_b[...].astype(compute_dtype)
-    a2, b2 = a.reshape(x2.shape[1], -1), b.reshape(a.shape[-1], -1)
-    xa = jnp.matmul(dropout(x2, linear.lora_dropout, rng), a2, preferred_element_type=jnp.float32)
-    return jnp.matmul(xa.astype(compute_dtype), b2, preferred_element_type=jnp.float32) * linear.lora_scale
+    linear.adapter = Adapter(scale=spec.alpha / spec.rank, dropout=spec.dropout)
 
 
 def merged_kernel(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float, n_in: int) -> jax.Array:

@@ -1,0 +1,69 @@
+"""A run's data, whatever its task: the label names and sources first (the model's head shape needs them), then the
+tokenizer-bound train iterator and eval batches once the pretrained folder is known."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxft.config import Config
+from jaxft.data import lm, pipeline
+
+log = logging.getLogger("jaxft.data")
+
+
+class TrainData:
+    """`label_names` and the sources on construction; `open(folder, vocab_size)` builds the encoder, the train
+    dataset (a grain dataset whose iterator state is checkpointed) and `eval_batches` (a callable yielding every
+    eval batch, or None without an eval split)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.lm = cfg.model.task == "causal-lm"
+        if self.lm:
+            self.sources = lm.open_lm_sources(cfg.data)
+            self.label_names: tuple[str, ...] = ()
+        else:
+            self.sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
+            self.label_names = self.sources.label_names
+        self.train_dataset: Any = None
+        self.eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
+        self.encoder: Any = None
+
+    def open(self, folder: Path, vocab_size: int) -> None:
+        """Tokenizes with the pretrained folder's tokenizer (a causal LM's ids must fit `vocab_size`)."""
+        cfg, data, batch = self.cfg, self.cfg.data, self.cfg.train.batch_size
+        eval_source, eval_batch = self.sources.eval, cfg.train.eval_batch_size
+        if self.lm:
+            self.encoder = lm.LMEncoder(folder, data, vocab_size)
+            self.train_dataset = lm.build_lm_train_dataset(
+                self.sources.train, self.encoder, batch, data.shuffle_seed, data.max_length, data.packing
+            )
+            if eval_source is not None:
+                self.eval_batches = lambda: lm.iter_lm_eval_batches(
+                    eval_source, self.encoder, eval_batch, data.max_length
+                )
+            return
+        self.encoder = pipeline.Encoder(folder, data.max_length, self.sources)
+        self.train_dataset = pipeline.build_train_dataset(self.sources.train, self.encoder, batch, data.shuffle_seed)
+        if eval_source is not None:
+            self.eval_batches = lambda: pipeline.iter_eval_batches(eval_source, self.encoder, eval_batch)
+
+    @property
+    def prompt_kind(self) -> str:
+        """Causal LM: "text" when the run trains on plain text (a prompt continues as raw text), else "chat"
+        (a prompt is a user turn plus the generation prompt), as its first train record says."""
+        return pipeline.as_text(self.sources.train[0]["kind"]) if self.lm else ""
+
+    def report(self) -> None:
+        dropped = getattr(self.encoder, "dropped", 0)
+        if dropped:
+            log.warning(
+                "data.truncation=drop: examples longer than data.max_length were skipped %d times "
+                "(an example counts again on every pass over the data, eval included)",
+                dropped,
+            )

@@ -1,0 +1,201 @@
+"""Model layers every family shares, in Flax NNX: linear layers (with an optional LoRA adapter), norms, embeddings,
+dropout, the activations by HF name, remat policies by name, the init and key-splitting helpers, and layer stacking.
+
+It owns math and logical axis names only; it knows nothing of HF keys, files or meshes, and imports no family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxft import axes
+
+# HF's activation names (config.json's hidden_act / hidden_activation / activation_function). gelu_new and
+# gelu_pytorch_tanh are both the tanh approximation.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+# name -> jax.checkpoint policy; "none" (not listed) skips jax.checkpoint, "full" saves nothing and recomputes all.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # Saves the weight matmuls but not the [B, N, L, L] attention logits, which dots_saveable also keeps.
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(remat: bool | str) -> str:
+    """A remat setting as a policy name: none | full | dots_saveable | ... (True/False, from older runs, mean
+    full/none); ValueError for anything else."""
+    if isinstance(remat, bool):
+        remat = "full" if remat else "none"
+    if remat != "none" and remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of: none, {', '.join(REMAT_POLICIES)}")
+    return remat
+
+
+def split_key(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """n keys from `rng`, or n Nones when there is none (eval: no dropout anywhere below)."""
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def normal_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    """The HF families' weight init, N(0, 0.02²); only fresh parameters (a new head) ever keep it."""
+    return 0.02 * jax.random.normal(rngs.params(), shape, dtype)
+
+
+# Dropout draws 8 random bits per element, four per 32-bit threefry word: a full word per element made
+# dropout a third of the step time on CPU. The keep probability is quantised to 1/256 (rate 0.1 becomes
+# 26/256 = 0.1016) and the scale uses the quantised value, so the expected activation is exactly preserved.
+_DROPOUT_LEVELS = 256
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when rng is None (eval) or rate is 0."""
+    if rng is None or rate <= 0.0:
+        return x
+    threshold = max(1, min(_DROPOUT_LEVELS, round((1.0 - rate) * _DROPOUT_LEVELS)))
+    n = math.prod(x.shape)
+    words = jax.random.bits(rng, (-(-n // 4),), jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:n].reshape(x.shape)
+    keep = bits.astype(jnp.int32) < threshold
+    return jnp.where(keep, x * (_DROPOUT_LEVELS / threshold), jnp.zeros_like(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """The static settings of a LoRA adapter on a Linear (its A and B are the Linear's lora_a / lora_b)."""
+
+    scale: float  # alpha / rank
+    dropout: float  # on the adapter's input, while training
+
+
+class Linear(nnx.Module):
+    """The decoders' y = x·W (+ b) over the last `len(in_shape)` dims, accumulated in fp32; W is in_shape + out_shape.
+
+    With a LoRA adapter (`adapter` set by jaxft.models.lora, with `lora_a` [in..., r] and `lora_b` [r, out...]),
+    y gains (dropout(x)·A)·B · scale.
+    """
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, bias: bool, rngs: nnx.Rngs, dtype=jnp.float32):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        self.kernel = nnx.Param(normal_init(rngs, in_shape + out_shape, dtype), logical_axes=tuple(in_axes + out_axes))
+        self.bias = nnx.data(nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=tuple(out_axes)) if bias else None)
+        self.n_in = len(in_shape)
+        self.adapter: Adapter | None = None
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+
+    def __call__(self, x: jax.Array, compute_dtype: Any, rng: jax.Array | None = None) -> jax.Array:
+        """`rng` drives LoRA dropout only (training); the base path has no dropout."""
+        kernel = self.kernel[...].astype(compute_dtype)
+        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+        lead = x.shape[: x.ndim - self.n_in]
+        # One plain 2-D matmul (XLA:CPU is slow on dots with several batch/contracting dims), accumulated in fp32.
+        x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
+        y = jnp.matmul(x2, kernel.reshape(x2.shape[1], -1), preferred_element_type=jnp.float32)
+        if self.adapter is not None:
+            y = y + self._adapter_delta(x2, compute_dtype, rng)
+        y = y.reshape(lead + out_shape)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(compute_dtype)
+
+    def _adapter_delta(self, x2: jax.Array, compute_dtype: Any, rng: jax.Array | None) -> jax.Array:
+        """The adapter's contribution for flattened inputs x2 [T, in], as fp32 [T, out]."""
+        a = self.lora_a[...].astype(compute_dtype)
+        b = self.lora_b[...].astype(compute_dtype)
+        a2, b2 = a.reshape(x2.shape[1], -1), b.reshape(a.shape[-1], -1)
+        xa = jnp.matmul(dropout(x2, self.adapter.dropout, rng), a2, preferred_element_type=jnp.float32)
+        return jnp.matmul(xa.astype(compute_dtype), b2, preferred_element_type=jnp.float32) * self.adapter.scale
+
+
+class Dense(nnx.Module):
+    """The encoders' y = x·W + b over the last `len(in_shape)` dims, in the compute dtype; W is in_shape + out_shape."""
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        self.kernel = nnx.Param(normal_init(rngs, in_shape + out_shape, dtype), logical_axes=in_axes + out_axes)
+        self.bias = nnx.Param(jnp.zeros(out_shape, dtype), logical_axes=out_axes)
+        self.n_in = len(in_shape)
+
+    def __call__(self, x: jax.Array, compute_dtype: Any) -> jax.Array:
+        kernel = self.kernel[...].astype(compute_dtype)
+        in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
+        lead = x.shape[: x.ndim - self.n_in]
+        # One plain 2-D matmul: XLA:CPU runs dots with several batch/contracting dims (which the weight
+        # gradient of a [B, L, E] input becomes) far slower than the same flops as [B·L, E] × [E, F].
+        x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
+        y = x2 @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
+        return y.reshape(lead + out_shape) + self.bias[...].astype(compute_dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / std · w + b over the last dim, statistics in fp32."""
+
+    def __init__(self, size: int, eps: float, *, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((size,), dtype), logical_axes=(axes.NORM,))
+        self.bias = nnx.Param(jnp.zeros((size,), dtype), logical_axes=(axes.NORM,))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in fp32 whatever the compute dtype: bf16 variance is too coarse.
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) · w, or · (1 + w) with `offset` (Gemma, whose w starts at 0)."""
+
+    def __init__(self, size: int, eps: float, *, dtype=jnp.float32, offset: bool = False):
+        self.scale = nnx.Param((jnp.zeros if offset else jnp.ones)((size,), dtype), logical_axes=(axes.NORM,))
+        self.eps = eps
+        self.offset = offset
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in fp32 whatever the compute dtype: a bf16 mean of squares is too coarse.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        scale = self.scale[...].astype(jnp.float32)
+        return (y * (1.0 + scale if self.offset else scale)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """A lookup table [num, size] whose rows are named by `num_axis` (vocab, positions, token types)."""
+
+    def __init__(self, num: int, size: int, num_axis: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.embedding = nnx.Param(normal_init(rngs, (num, size), dtype), logical_axes=(num_axis, axes.EMBED))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def build_stacked(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """One layer (from `make_layer`) whose every parameter has a leading `layers` axis of size num_layers."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(layer_rngs: nnx.Rngs) -> nnx.Module:
+        return make_layer(layer_rngs)
+
+    layers = make(rngs)
+    # vmap stacks the values but leaves our `logical_axes` metadata as it was: name the new axis here.
+    for _, node in nnx.iter_graph(layers):
+        if isinstance(node, nnx.Variable):
+            node.set_metadata("logical_axes", (axes.LAYERS,) + tuple(node.get_metadata()["logical_axes"]))
+    return layers
