@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxft import freeze, hostmem, mesh, setup
 from jaxft.config import Config, FreezeConfig, LoraConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
@@ -116,7 +117,7 @@ def run(args) -> dict:
         jax.block_until_ready((state.trainable, metrics))
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    flat = {path_str(p): v.get_value() for p, v in params.flat_state()}
+    flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
     n = matmul_params(spec, flat)
     n_trainable = plan.count(True)
     attention = 12 * spec.num_layers * L * spec.hidden_size

@@ -92,11 +92,11 @@ def _to_tree(state: TrainState, with_frozen: bool = True) -> dict[str, Any]:
     tree = {
         "step": state.step,
         "rng": state.rng,
-        "trainable": state.trainable.to_pure_dict(),
+        "trainable": nnx.to_pure_dict(state.trainable),
         "opt_state": state.opt_state,
     }
     if with_frozen:
-        tree["frozen"] = state.frozen.to_pure_dict()
+        tree["frozen"] = nnx.to_pure_dict(state.frozen)
     return tree
 
 
@@ -444,10 +444,10 @@ def restore_params(
     trainable_paths = set(meta["trainable_paths"])
     with_frozen = bool(meta.get(FROZEN_SAVED, True))
     parts: dict[str, dict] = {"trainable": {}, "frozen": {}}
-    for (path, var), (_, sh) in zip(abstract_params.flat_state(), shardings.flat_state()):
+    for (path, var), (_, sh) in zip(nnx.to_flat_state(abstract_params), nnx.to_flat_state(shardings)):
         key = "trainable" if "/".join(map(str, path)) in trainable_paths else "frozen"
         parts[key][path] = var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value()))
-    target = {k: nnx.from_flat_state(v).to_pure_dict() for k, v in parts.items() if with_frozen or k == "trainable"}
+    target = {k: nnx.to_pure_dict(nnx.from_flat_state(v)) for k, v in parts.items() if with_frozen or k == "trainable"}
     check_tree(run_dir, step, target)
     path = checkpoint_dir(run_dir) / str(step) / "state"
     # Shardings come from `target` (this process's mesh), never from the saved _sharding file, so a run
@@ -470,5 +470,5 @@ def restore_params(
 
 def _replace_pure(state: nnx.State, pure: dict) -> nnx.State:
     out = jax.tree.map(lambda x: x, state)  # a copy: replace_by_pure_dict mutates in place
-    out.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(out, pure)
     return out

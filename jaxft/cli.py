@@ -23,7 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.load import CheckpointError
     from jaxft.loop import NonFiniteError
     from jaxft.mesh import MeshError
-    from jaxft.models.bert_hf import ArchitectureError
+    from jaxft.models.hf_layout import ArchitectureError
     from jaxft.paths import RuleError
     from jaxft.sharding import ShardingError
 
@@ -54,7 +54,12 @@ def _quiet_libraries() -> None:
     # Orbax, absl and tfds log every save and prepare at INFO, and Orbax logs a failed background write
     # with its traceback before raising it to us; the run log should be jaxft's, which reports every
     # failure itself in one line.
-    warnings.filterwarnings("ignore")
+    # Warnings a user can do nothing about: libraries' notices about their own future APIs, and JAX's
+    # warning when a data worker forks the process. Every other warning is shown.
+    for module in ("orbax", "tensorflow_datasets", "grain", "flax", "optax", "transformers", "etils"):
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         import absl.logging

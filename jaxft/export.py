@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax import nnx
 
 from jaxft.checkpoint import RunCheckpointError
 from jaxft.config import from_dict
@@ -226,7 +227,7 @@ def plan_tensors(
     holds must be among them. With `fold_scale`, each LoRA adapter is folded into its kernel (W + scale·A·B)."""
     family = family_for_spec(spec)
     prefix = export_prefix(family, model_type, run_dir)
-    flat = {path_str(p): var for p, var in params.flat_state()}
+    flat = {path_str(p): var for p, var in nnx.to_flat_state(params)}
     adapted = {lora.adapted_kernel(p) for p in flat if lora.is_adapter(p)}
     tensors, problems = [], []
     for path, var in flat.items():
@@ -269,7 +270,7 @@ def plan_adapter_tensors(
     family = family_for_spec(spec)
     prefix = export_prefix(family, model_type, run_dir)
     tensors, modules, layer_types, problems = [], [], set(), []
-    for p, var in params.flat_state():
+    for p, var in nnx.to_flat_state(params):
         path = path_str(p)
         if not lora.is_adapter(path):
             continue
@@ -376,7 +377,7 @@ def gather(x: jax.Array) -> np.ndarray:
 
 def iter_hf_arrays(params: Any, tensors: list[HFTensor]) -> Iterator[tuple[str, np.ndarray]]:
     """(HF key, host array in HF layout and export dtype), one tensor at a time, in `tensors` order."""
-    values = {path_str(p): var.get_value() for p, var in params.flat_state()}
+    values = {path_str(p): var.get_value() for p, var in nnx.to_flat_state(params)}
     for t in tensors:
         host = t.kind.to_hf(gather(device_tensor(values, t)))
         yield t.key, host.astype(t.dtype, copy=False)

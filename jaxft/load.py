@@ -297,7 +297,7 @@ def merge_checkpoint(
     `entry_of(path)` names the HF tensor(s) behind a parameter; `init_fresh(paths)` makes initial values for
     parameters on `new_params` that the checkpoint lacks.
     """
-    flat = {paths.path_str(p): (p, v) for p, v in abstract_params.flat_state()}
+    flat = {paths.path_str(p): (p, v) for p, v in nnx.to_flat_state(abstract_params)}
     shapes = {name: tuple(v.shape) for name, (_, v) in flat.items()}
     dtypes = {name: v.dtype for name, (_, v) in flat.items()}
     plan = plan_merge(shapes, source, entry_of, new_params, ignore_unused)

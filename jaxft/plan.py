@@ -9,6 +9,7 @@ import math
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxft import mesh as mesh_lib
@@ -56,7 +57,7 @@ def describe_plan(cfg: Config) -> str:
         f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<{width}} {'status':<10} rule",
     ]
     totals = {"params": 0, "grads": 0}
-    for p, v in skeleton.abstract_params.flat_state():
+    for p, v in nnx.to_flat_state(skeleton.abstract_params):
         name = path_str(p)
         status = "train" if name in trainable_paths else "frozen"
         if name in trainable_paths and plan.lr_multiplier(name) != 1.0:

@@ -69,7 +69,7 @@ class ModelSkeleton:
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {path_str(p): tuple(v.shape) for p, v in self.abstract_params.flat_state()}
+        return {path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(self.abstract_params)}
 
 
 def read_spec(model_cfg: ModelConfig, num_labels: int) -> tuple[Path, dict[str, Any], Any]:
@@ -123,7 +123,7 @@ def with_frozen_dtype(skeleton: ModelSkeleton, dtype: str, frozen_paths: set[str
         return skeleton
     flat = {
         p: v.replace(jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype))) if path_str(p) in frozen_paths else v
-        for p, v in skeleton.abstract_params.flat_state()
+        for p, v in nnx.to_flat_state(skeleton.abstract_params)
     }
     return dataclasses.replace(skeleton, abstract_params=nnx.from_flat_state(flat))
 
@@ -167,7 +167,9 @@ def init_weights(skeleton: ModelSkeleton, param_dtype: str, seed: int = 0) -> nn
     values = models.init_params(
         skeleton.spec, param_dtype, set(skeleton.param_shapes), skeleton.param_shardings, seed, skeleton.lora
     )
-    return nnx.from_flat_state({p: v.replace(values[path_str(p)]) for p, v in skeleton.abstract_params.flat_state()})
+    return nnx.from_flat_state(
+        {p: v.replace(values[path_str(p)]) for p, v in nnx.to_flat_state(skeleton.abstract_params)}
+    )
 
 
 def load_frozen(
@@ -260,7 +262,7 @@ def stacked_layers(skeleton: ModelSkeleton) -> bool:
     """Whether the layers' parameters are stacked on one leading `layers` axis (scanned decoders)."""
     return any(
         (v.get_metadata().get("logical_axes") or (None,))[0] == axes.LAYERS
-        for _, v in skeleton.abstract_params.flat_state()
+        for _, v in nnx.to_flat_state(skeleton.abstract_params)
     )
 
 
@@ -280,14 +282,17 @@ class StateLayout:
     @property
     def leaf_paths(self) -> tuple[str, ...]:
         """The trainable parameters in jax.tree.leaves order (the step reports a non-finite gradient by index)."""
-        return tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(self.abstract.trainable)[0])
+        flat, _ = jax.tree_util.tree_flatten_with_path(
+            self.abstract.trainable, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+        return tuple(path_str(p) for p, _ in flat)
 
 
 def build_optimizer(
     cfg: Config, schedule: optax.Schedule, plan: freeze.FreezePlan, trainable: nnx.State
 ) -> optax.GradientTransformation:
     """The optimizer of one trainable partition, with each parameter's freeze-rule LR multiplier."""
-    multipliers = {p: v.replace(plan.lr_multiplier(path_str(p))) for p, v in trainable.flat_state()}
+    multipliers = {p: v.replace(plan.lr_multiplier(path_str(p))) for p, v in nnx.to_flat_state(trainable)}
     return optim.build_optimizer(cfg.optim, schedule, nnx.from_flat_state(multipliers))
 
 

@@ -56,7 +56,7 @@ def _check_divisible(path: str, shape: tuple[int, ...], spec: PartitionSpec, mes
 def infer_param_specs(abstract_params: nnx.State, rules, mesh: Mesh) -> dict[str, PartitionSpec]:
     """PartitionSpec for every parameter, from its `logical_axes` metadata; checks divisibility."""
     specs = {}
-    for path, var in abstract_params.flat_state():
+    for path, var in nnx.to_flat_state(abstract_params):
         name = paths.path_str(path)
         logical = var.get_metadata().get("logical_axes")
         if logical is None:
@@ -73,7 +73,7 @@ def to_named_shardings(specs: dict[str, PartitionSpec], mesh: Mesh) -> dict[str,
 
 def shardings_like(state: nnx.State, shardings_by_path: dict[str, NamedSharding]) -> nnx.State:
     """A State of the same structure with each leaf replaced by its sharding."""
-    flat = {path: var.replace(shardings_by_path[paths.path_str(path)]) for path, var in state.flat_state()}
+    flat = {path: var.replace(shardings_by_path[paths.path_str(path)]) for path, var in nnx.to_flat_state(state)}
     return nnx.from_flat_state(flat)
 
 

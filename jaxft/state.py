@@ -30,7 +30,7 @@ class TrainState:
 
 def partition_params(params: nnx.State, trainable_paths: Collection[str]) -> tuple[nnx.State, nnx.State]:
     """(trainable, frozen): the parameters whose '/'-joined path is in `trainable_paths`, and the rest."""
-    flat = list(params.flat_state())
+    flat = list(nnx.to_flat_state(params))
     trainable = {p: v for p, v in flat if paths.path_str(p) in trainable_paths}
     frozen = {p: v for p, v in flat if paths.path_str(p) not in trainable_paths}
     return nnx.from_flat_state(trainable), nnx.from_flat_state(frozen)
@@ -42,7 +42,7 @@ def merge_params(trainable: nnx.State, frozen: nnx.State) -> nnx.State:
 
 def trainable_paths(state: TrainState) -> list[str]:
     """The '/'-joined paths of the parameters the state trains, sorted (as run metadata records them)."""
-    return sorted(paths.path_str(p) for p, _ in state.trainable.flat_state())
+    return sorted(paths.path_str(p) for p, _ in nnx.to_flat_state(state.trainable))
 
 
 def init_state(
@@ -72,8 +72,8 @@ def repartition(
 
     def carry(new_node, old_node):
         if jax.tree.structure(new_node) == new_def and jax.tree.structure(old_node) == old_def:
-            old = {p: v for p, v in old_node.flat_state()}
-            flat = {p: (old[p] if p in old else v) for p, v in new_node.flat_state()}
+            old = {p: v for p, v in nnx.to_flat_state(old_node)}
+            flat = {p: (old[p] if p in old else v) for p, v in nnx.to_flat_state(new_node)}
             return nnx.from_flat_state(flat)
         return old_node if jax.tree.structure(old_node) == jax.tree.structure(new_node) else new_node
 

@@ -177,7 +177,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": stats["correct"] / count,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": (batch["attention_mask"] if "attention_mask" in batch else batch["segment_ids"] > 0).sum(),
         "nonfinite": (~finite).astype(jnp.int32),

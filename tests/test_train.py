@@ -4,6 +4,8 @@ import json
 
 import jax
 import numpy as np
+import pytest
+from flax import nnx
 
 from jaxft.config import (
     CheckpointConfig,
@@ -15,13 +17,14 @@ from jaxft.config import (
     ModelConfig,
     TrainConfig,
 )
+from jaxft.evaluate import eval_run
 from jaxft.paths import path_str
 from jaxft.run_dir import restore_run
 from jaxft.train import train
 
 
 def _flat(state_part):
-    return {path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in state_part.flat_state()}
+    return {path_str(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state_part)}
 
 
 def _files(tmp_path):
@@ -90,7 +93,11 @@ def test_token_classification_trains_and_predicts_per_word(tmp_path, tiny_bert, 
     )
     result = train(cfg, tmp_path / "run")
     assert result.label_names == ("LOC", "O", "PER")
-    assert 0.0 <= result.eval_metrics["eval_accuracy"] <= 1.0
+    # `jaxft eval` of the saved step recomputes the training-time eval: accuracy is a count over labelled words.
+    record, _ = eval_run(tmp_path / "run", 2)
+    assert record["eval_accuracy"] == pytest.approx(result.eval_metrics["eval_accuracy"], rel=1e-6)
+    correct = record["eval_accuracy"] * record["eval_examples"]
+    assert record["eval_examples"] > 0 and abs(correct - round(correct)) < 1e-6, record
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "carol visited rome"}\n')
     predict_file(tmp_path / "run", inp, tmp_path / "out.jsonl", batch_size=8)

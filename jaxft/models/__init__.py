@@ -252,6 +252,6 @@ def init_params(
 
     def init():
         model = _make_model(spec, seed, param_dtype, lora_spec)
-        return {path_str(p): v.get_value() for p, v in nnx.state(model).flat_state() if path_str(p) in wanted}
+        return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model)) if path_str(p) in wanted}
 
     return jax.jit(init, out_shardings={p: shardings[p] for p in wanted})()

@@ -10,7 +10,7 @@ from flax import serialization
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertForSequenceClassification
 
 import jaxft
-from tests.conftest import save_tiny
+from tests.fixtures import TOKENIZER_FILES, minilm_path, save_tiny_bert
 
 TEXTS = ["I loved this blender, it is great.", "Terrible service, never again!! not ok", "meh"]
 
@@ -43,7 +43,7 @@ def test_minilm_matches_pytorch_bert_for_sequence_classification(minilm):
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_tiny_task_checkpoint_matches_pytorch(tmp_path, family):
-    folder = save_tiny(tmp_path / family, family=family, num_labels=2, seed=1)
+    folder = save_tiny_bert(tmp_path / family, family=family, num_labels=2, seed=1)
     enc = _encode(folder, 16)
     if family == "roberta":
         enc.pop("token_type_ids")
@@ -54,8 +54,8 @@ def test_tiny_task_checkpoint_matches_pytorch(tmp_path, family):
 
 
 def test_sharded_safetensors_index_loads_the_same(tmp_path):
-    single = save_tiny(tmp_path / "single", seed=2)
-    sharded = save_tiny(tmp_path / "sharded", seed=2, max_shard_size="500KB")
+    single = save_tiny_bert(tmp_path / "single", seed=2)
+    sharded = save_tiny_bert(tmp_path / "sharded", seed=2, max_shard_size="500KB")
     assert (sharded / "model.safetensors.index.json").is_file()
     assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) > 10
     enc = _encode(single, 16)
@@ -90,7 +90,7 @@ def _write_flax_msgpack(pt_folder, out_folder):
 
 
 def test_legacy_flax_msgpack_loads_the_same(tmp_path):
-    pt = save_tiny(tmp_path / "pt", seed=3)
+    pt = save_tiny_bert(tmp_path / "pt", seed=3)
     _write_flax_msgpack(pt, tmp_path / "flax")
     enc = _encode(pt, 16)
     a = np.asarray(jaxft.load(str(pt))(**enc))
@@ -112,8 +112,6 @@ def test_loaded_params_are_sharded_not_on_one_device(tiny_bert):
 
 def test_token_classification_matches_pytorch(tmp_path):
     from transformers import BertConfig, BertForTokenClassification
-
-    from tests.conftest import TOKENIZER_FILES, minilm_path
 
     torch.manual_seed(4)
     config = BertConfig(

@@ -3,17 +3,14 @@ gradient leaf, and saves nothing after it; `skip` goes on and halts after N non-
 
 import json
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from tests.helpers import make_setup, random_batch
-from tests.test_resume import write_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fixtures import ROOT, make_setup, random_batch, write_resume_config
 
 
 def _host(tree):
@@ -53,19 +50,21 @@ DIVERGE = ["optim.learning_rate=1e30", "optim.warmup_steps=0", "checkpoint.every
 def test_halt_names_step_loss_and_leaf_and_saves_nothing_after(tmp_path, tiny_bert, data_dir):
     from jaxft.checkpoint import complete_steps
 
-    config = write_config(tmp_path, tiny_bert)
+    config = write_resume_config(tmp_path, tiny_bert)
     r = _train(config, tmp_path / "run", *DIVERGE, "train.nonfinite=halt")
     assert r.returncode == 2, r.stderr[-3000:]
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("jaxft: error: step 2: non-finite training (loss=nan") and "Traceback" not in r.stderr
     assert "first non-finite gradient: " in line and "halting (train.nonfinite=halt)" in line
+    leaf = line.split("first non-finite gradient: ")[1].split()[0].rstrip(");,")
+    assert re.fullmatch(r"(embeddings|encoder|pooler|classifier)/[\w/]+", leaf) and not leaf.endswith("value"), line
     assert complete_steps(tmp_path / "run") == [1]
 
 
 def test_skip_counts_skipped_steps_and_halts_after_n_in_a_row(tmp_path, tiny_bert, data_dir):
     from jaxft.checkpoint import complete_steps
 
-    config = write_config(tmp_path, tiny_bert)
+    config = write_resume_config(tmp_path, tiny_bert)
     run_dir = tmp_path / "run"
     r = _train(config, run_dir, *DIVERGE, "train.nonfinite=skip", "train.max_nonfinite_steps=3")
     assert r.returncode == 2, r.stderr[-3000:]

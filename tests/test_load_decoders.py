@@ -17,8 +17,7 @@ from jaxft.config import Config, ModelConfig
 from jaxft.load import CheckpointError
 from jaxft.models import ArchitectureError, GPT2Model, LlamaModel
 from jaxft.plan import describe_plan
-from tests import test_gpt2_parity as gpt2_tests
-from tests import test_llama_parity as llama_tests
+from tests.fixtures import llama_family, save_tiny_gpt2, save_tiny_llama, token_ids, torch_logits
 
 L = 10
 
@@ -28,9 +27,9 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("decoders")
     out = {}
     for name in ("llama", "qwen2"):  # llama: a sharded index and llama3 rope; qwen2: tied embeddings, biases
-        make, kwargs = llama_tests.FAMILIES[name]
-        out[name] = llama_tests.save_tiny(root / name, make(), **kwargs)
-    out["gpt2"] = gpt2_tests.save_tiny(root / "gpt2", max_shard_size="100KB")
+        config, kwargs = llama_family(name)
+        out[name] = save_tiny_llama(root / name, config, **kwargs)
+    out["gpt2"] = save_tiny_gpt2(root / "gpt2", max_shard_size="100KB")
     return out
 
 
@@ -47,8 +46,8 @@ def test_load_matches_pytorch_on_a_sharded_mesh(folders, name, scan):
     # Really sharded: an embedding split over fsdp (and vocab over tensor), not copied whole to each device.
     embed = model.wte if name == "gpt2" else model.embed_tokens
     assert len({tuple((s.start, s.stop) for s in sh.index) for sh in embed[...].addressable_shards}) > 1
-    input_ids = llama_tests.ids(2, L, seed=7) % 1000
-    expected = llama_tests.torch_logits(folders[name], input_ids)
+    input_ids = token_ids(2, L, seed=7) % 1000
+    expected = torch_logits(folders[name], input_ids)
     ours = np.asarray(jax.jit(lambda ids: model(ids))(input_ids))
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import save_tiny
-from tests.test_eval import flat_params, one_line_error, run_cli, shared_run, snapshot
+from tests.fixtures import one_line_error, run_cli, run_params, save_tiny_bert, shared_run, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def shared(tmp_path_factory, tiny_bert, data_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def reference_params(shared) -> dict[str, np.ndarray]:
-    return flat_params(shared["run"], 6)
+    return run_params(shared["run"], 6)
 
 
 @pytest.fixture
@@ -110,7 +109,7 @@ def foreign_checkpoint(shared: dict, out: Path, overrides: list[str], num_labels
 @pytest.fixture(scope="module")
 def roberta_step(shared, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("roberta")
-    model = save_tiny(tmp / "model", family="roberta")
+    model = save_tiny_bert(tmp / "model", family="roberta")
     return foreign_checkpoint(shared, tmp / "run", [f"model.source={model}"], 2)
 
 
@@ -198,7 +197,7 @@ def test_resume_after_the_pretrained_folder_was_replaced_by_another_model(run, s
     kept = model.with_name("model.orig")
     model.rename(kept)
     try:
-        save_tiny(model, family="roberta")
+        save_tiny_bert(model, family="roberta")
         before = snapshot(run)
         line = one_line_error(["train", shared["config"], "--run-dir", run], capsys)
     finally:
@@ -255,7 +254,7 @@ def test_resume_skips_damaged_checkpoints_and_ends_as_the_undamaged_run(run, sha
         assert snapshot(run / "damaged_checkpoints" / str(step)) == damaged[step]  # kept as it was
     replayed = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert replayed == losses
-    got = flat_params(run, 6)
+    got = run_params(run, 6)
     assert got.keys() == reference_params.keys()
     for k, v in reference_params.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)

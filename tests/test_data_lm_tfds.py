@@ -12,9 +12,7 @@ from jaxft import cli
 from jaxft.config import DataConfig
 from jaxft.data import lm
 from jaxft.data.builders import DataError
-from tests.test_llama_parity import FAMILIES, save_tiny
-from tests.test_lm_data import CHATML, _save_tokenizer
-from tests.test_lm_train import SFT, records
+from tests.fixtures import SFT, metrics_records, save_tiny_chat_model
 
 QA = [("what is the capital of france ?", f"paris {'one two three'.split()[i % 3]}") for i in range(12)]
 
@@ -65,8 +63,7 @@ def tfds_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    make, _ = FAMILIES["qwen2"]
-    return _save_tokenizer(save_tiny(tmp_path_factory.mktemp("lm_tfds") / "qwen2", make()), CHATML)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("lm_tfds") / "qwen2")
 
 
 def test_registered_records_encode_as_the_same_rows_from_jsonl(tfds_dir, model, tmp_path, data_dir):
@@ -114,7 +111,7 @@ def test_sft_on_a_registered_dataset_end_to_end(tfds_dir, model, tmp_path):
         "lora.rank=2",
     ]
     assert cli.main(["train", SFT, "--run-dir", str(run_dir), *args]) == 0
-    final = records(run_dir)[-1]
+    final = metrics_records(run_dir)[-1]
     assert final["step"] == 2 and np.isfinite(final["eval_perplexity"])
 
 

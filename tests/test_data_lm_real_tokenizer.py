@@ -15,8 +15,7 @@ from transformers import MistralConfig
 from jaxft import cli
 from jaxft.config import DataConfig
 from jaxft.data.lm import LMEncoder
-from tests import test_llama_parity as llama_tests
-from tests.test_lm_train import SFT
+from tests.fixtures import LLAMA_TINY, SFT, save_tiny_llama
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "LlamaTokenizer",
@@ -39,8 +38,8 @@ def sentencepiece_model() -> Path:
 
 
 def mistral_folder(folder: Path, vocab_size: int = 32000) -> Path:
-    config = MistralConfig(**{**llama_tests.TINY, "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2})
-    llama_tests.save_tiny(folder, config)
+    config = MistralConfig(**{**LLAMA_TINY, "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 2})
+    save_tiny_llama(folder, config)
     shutil.copyfile(sentencepiece_model(), folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
     return folder

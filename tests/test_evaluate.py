@@ -3,129 +3,21 @@
 steps are one-line errors.
 
 The trained run here (6 steps, a checkpoint and an eval every 2) is built once per session and shared with
-test_bad_checkpoints.py; tests that write into a run dir work on copies of it.
+test_checkpoint_damage.py; tests that write into a run dir work on copies of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from jaxft import cli
 from jaxft.evaluate import summarize
-
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = {"pos": ("great", "lovely", "works"), "neg": ("awful", "broken", "refund")}
-
-
-# ------------------------------------------------------------------------------- shared with test_bad_checkpoints
-
-
-def write_rows(path: Path, n: int, start: int = 0) -> Path:
-    rows = []
-    for i in range(start, start + n):
-        label = ("pos", "neg")[i % 2]
-        rows.append({"text": f"item {i} " + " ".join(WORDS[label]), "label": label})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_config(path: Path, model: Path, train_file: Path, eval_file: Path) -> Path:
-    path.write_text(
-        "from jaxft.config import *\n"
-        "config = Config(\n"
-        f"    model=ModelConfig(source={str(model)!r}),\n"
-        "    mesh=MeshConfig(data=8),\n"
-        "    optim=OptimConfig(learning_rate=1e-2, warmup_steps=0),\n"
-        "    train=TrainConfig(max_steps=6, batch_size=8, eval_every_steps=2, eval_batch_size=8, log_every_steps=1),\n"
-        f"    data=DataConfig(dataset='files', train_files=({str(train_file)!r},), eval_files=({str(eval_file)!r},),"
-        " max_length=16),\n"
-        "    checkpoint=CheckpointConfig(every_steps=2, keep=10),\n"
-        ")\n"
-    )
-    return path
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jaxft.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=600,
-    )
-
-
-_SHARED: dict = {}
-
-
-def shared_run(tmp_path_factory) -> dict:
-    """One CLI-trained run for the session (callers request `tiny_bert` and `data_dir` first).
-
-    Subprocesses get a persistent XLA compilation cache, so a resumed run reuses the train step the first
-    run compiled (~30 s on a 2-core CPU) instead of compiling it again.
-    """
-    if _SHARED:
-        return _SHARED
-    from tests.conftest import save_tiny
-
-    tmp = tmp_path_factory.mktemp("shared_run")
-    model = save_tiny(tmp / "model")
-    train_file = write_rows(tmp / "train.jsonl", 40)
-    eval_file = write_rows(tmp / "eval.jsonl", 16, start=100)
-    config = write_config(tmp / "config.py", model, train_file, eval_file)
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache")}
-    run_dir = tmp / "run"
-    r = run_cli("train", config, "--run-dir", run_dir, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [rec["step"] for rec in records] == [1, 2, 3, 4, 5, 6]
-    _SHARED.update(
-        tmp=tmp, model=model, train_file=train_file, eval_file=eval_file, config=config, env=env, run=run_dir
-    )
-    return _SHARED
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every path under root: a file's sha256, or "dir"."""
-    return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def one_line_error(args: list[str], capsys) -> str:
-    """Runs the CLI in-process; the failure is one `jaxft: error:` line, exit 2, no traceback."""
-    code = cli.main([str(a) for a in args])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err[-3000:]
-    assert lines and lines[-1].startswith("jaxft: error: "), err[-3000:]
-    assert not any(line.startswith("jaxft: error:") for line in lines[:-1]), err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    return lines[-1]
-
-
-def flat_params(run_dir: Path, step: int) -> dict[str, np.ndarray]:
-    from jaxft.run_dir import restore_run
-
-    run = restore_run(run_dir, step)
-    params, got = run.params, run.step
-    assert got == step
-    return {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value())) for p, v in params.flat_state()}
-
-
-# ------------------------------------------------------------------------------------------------ fixtures
+from tests.fixtures import one_line_error, shared_run, snapshot, write_rows
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxft import cli
 from jaxft.checkpoint import checkpoint_dir
-from tests import test_llama_parity as llama_tests
-from tests.test_lm_data import CHATML, _save_tokenizer
-from tests.test_lm_train import SFT, SFT_ARGS, params, train
+from tests.fixtures import SFT, SFT_ARGS, run_params, save_tiny_chat_model, train_in_process
 
 ARGS = [a for a in SFT_ARGS if not a.startswith(("train.max_steps", "train.eval_every", "checkpoint.every"))]
 ARGS += ["train.max_steps=2", "train.eval_every_steps=0", "checkpoint.every_steps=2"]
@@ -25,9 +23,7 @@ ARGS += ["train.max_steps=2", "train.eval_every_steps=0", "checkpoint.every_step
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    make, _ = llama_tests.FAMILIES["qwen2"]
-    folder = llama_tests.save_tiny(tmp_path_factory.mktemp("adapter_ckpt") / "qwen2", make())
-    return _save_tokenizer(folder, CHATML)
+    return save_tiny_chat_model(tmp_path_factory.mktemp("adapter_ckpt") / "qwen2")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +33,7 @@ def runs(base, tmp_path_factory, data_dir) -> dict[str, Path]:
     out = {}
     for name, flag in (("adapter", "false"), ("full", "true")):
         source = shutil.copytree(base, root / f"base_{name}")  # each run may damage its own copy
-        train(SFT, root / name, f"model.source={source}", f"checkpoint.save_frozen={flag}", *ARGS)
+        train_in_process(SFT, root / name, f"model.source={source}", f"checkpoint.save_frozen={flag}", *ARGS)
         out[name] = root / name
     return out
 
@@ -55,7 +51,7 @@ def test_adapter_checkpoint_holds_no_frozen_tensor_and_restores_the_same_model(r
     tree, full_tree = _saved_tree(runs["adapter"]), _saved_tree(runs["full"])
     assert "frozen" not in tree and tree["trainable"], sorted(tree)
     assert "embed_tokens" in full_tree["frozen"]
-    a, b = params(runs["adapter"]), params(runs["full"])
+    a, b = run_params(runs["adapter"]), run_params(runs["full"])
     frozen_bytes = sum(v.nbytes for k, v in a.items() if "lora_" not in k)
     # Exactly the frozen base (bf16) is what the adapter-only checkpoint leaves out.
     assert _array_bytes(full_tree) - _array_bytes(tree) == frozen_bytes > 0

@@ -11,42 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from jaxft.checkpoint import complete_steps
-from jaxft.config import CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "minilm_sentiment.py")
-
-
-def write_dataset(path: Path, n: int = 40) -> Path:
-    words = (("great", "lovely", "works"), ("awful", "broken", "refund"))
-    rows = [{"text": f"item {i} " + " ".join(words[i % 2]), "label": ("pos", "neg")[i % 2]} for i in range(n)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_config(tmp_path: Path, tiny: Path, max_steps: int = 12, every: int = 2) -> Path:
-    """40 examples in batches of 8: an epoch is 5 steps, so 12 steps cross two epoch boundaries."""
-    data = write_dataset(tmp_path / "data.jsonl")
-    path = tmp_path / "resume_config.py"
-    path.write_text(
-        "from jaxft.config import *\n"
-        "config = Config(\n"
-        f"    model=ModelConfig(source={str(tiny)!r}),\n"
-        "    mesh=MeshConfig(data=8),\n"
-        "    optim=OptimConfig(learning_rate=1e-3, warmup_steps=2),\n"
-        f"    train=TrainConfig(max_steps={max_steps}, batch_size=8, eval_every_steps=0, eval_batch_size=8,"
-        " log_every_steps=1),\n"
-        f"    data=DataConfig(dataset='files', train_files=({str(data)!r},), eval_files=({str(data)!r},),"
-        " max_length=16),\n"
-        f"    checkpoint=CheckpointConfig(every_steps={every}, keep=20),\n"
-        ")\n"
-    )
-    return path
+from tests.fixtures import DEMO, ROOT, metrics_records, run_params, write_resume_config
 
 
 def cli_args(config: Path, run_dir: Path, *overrides: str) -> list[str]:
@@ -73,19 +42,6 @@ def run(args, env=None, timeout=600):
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=child_env(env), timeout=timeout)
 
 
-def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a line being written right now
-    return out
-
-
 def wait_for(predicate, proc, timeout=300.0, poll=0.02):
     """Polls until predicate() or the process ends; bounded in time."""
     deadline = time.monotonic() + timeout
@@ -98,14 +54,6 @@ def wait_for(predicate, proc, timeout=300.0, poll=0.02):
     return False
 
 
-def final_params(run_dir: Path, step: int | None = None) -> dict[str, np.ndarray]:
-    from jaxft.run_dir import restore_run
-
-    run = restore_run(run_dir, step)
-    params = run.params
-    return {"/".join(map(str, p)): np.asarray(jax.device_get(v.get_value())) for p, v in params.flat_state()}
-
-
 def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:
@@ -113,13 +61,13 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir)}
+    return {r["step"]: r["loss"] for r in metrics_records(run_dir)}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_bert, data_dir):
     tmp = tmp_path_factory.mktemp("resume")
-    config = write_config(tmp, tiny_bert)
+    config = write_resume_config(tmp, tiny_bert)
     reference = tmp / "reference"
     r = run(cli_args(config, reference))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -137,7 +85,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
         # Killed before its first save commits, a run has nothing to resume from and rightly starts over:
         # wait for a committed checkpoint too, so the second run must resume.
         seen = wait_for(
-            lambda: complete_steps(run_dir) and any(r["step"] >= kill_after for r in records(run_dir)), proc
+            lambda: complete_steps(run_dir) and any(r["step"] >= kill_after for r in metrics_records(run_dir)), proc
         )
         assert seen and proc.poll() is None, f"run ended before step {kill_after} (seed {seed})"
         proc.send_signal(signal.SIGKILL)
@@ -149,7 +97,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(setup):
     resumed = run(cli_args(setup["config"], run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr, f"seed {seed}: the second run did not resume"
-    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+    assert_bitwise_equal(run_params(setup["reference"]), run_params(run_dir))
     assert losses(run_dir) == losses(setup["reference"]), f"seed {seed}, killed after step {kill_after}"
     assert sorted(losses(run_dir)) == list(range(1, 13))
 
@@ -159,7 +107,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_0(setup):
     args = cli_args(setup["config"], run_dir, "checkpoint.every_steps=100")  # no save but the stop's own
     proc = subprocess.Popen(args, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert wait_for(lambda: any(r["step"] >= 3 for r in records(run_dir)), proc)
+        assert wait_for(lambda: any(r["step"] >= 3 for r in metrics_records(run_dir)), proc)
         assert proc.poll() is None, "run ended before it could be stopped"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -172,11 +120,11 @@ def test_sigterm_saves_the_step_it_stopped_at_and_exits_0(setup):
     from jaxft.checkpoint import complete_steps
 
     assert complete_steps(run_dir) == [stopped]
-    assert max(r["step"] for r in records(run_dir)) == stopped
+    assert max(r["step"] for r in metrics_records(run_dir)) == stopped
     # The stop is a clean preemption: resuming finishes the run exactly as the reference.
     resumed = run(cli_args(setup["config"], run_dir, "checkpoint.every_steps=100"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+    assert_bitwise_equal(run_params(setup["reference"]), run_params(run_dir))
 
 
 def test_config_changes_on_resume(setup, tmp_path):
@@ -193,7 +141,7 @@ def test_config_changes_on_resume(setup, tmp_path):
     # Logging-only changes are accepted and the result is unchanged.
     r = run(cli_args(setup["config"], run_dir, "train.log_every_steps=3", "checkpoint.every_steps=4"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+    assert_bitwise_equal(run_params(setup["reference"]), run_params(run_dir))
 
 
 def test_allow_config_change_resumes_on_purpose(setup, tmp_path):
@@ -207,58 +155,41 @@ def test_allow_config_change_resumes_on_purpose(setup, tmp_path):
     assert "resuming with a changed config" in r.stderr and "resuming from" in r.stderr
 
 
-def _in_process_config(tiny: Path, data: Path, mesh=(8, 1, 1), max_steps=8) -> Config:
-    return Config(
-        model=ModelConfig(source=str(tiny)),
-        mesh=MeshConfig(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]),
-        optim=OptimConfig(learning_rate=1e-3),
-        train=TrainConfig(max_steps=max_steps, batch_size=8, eval_every_steps=0, eval_batch_size=8),
-        data=DataConfig(dataset="files", train_files=(str(data),), eval_files=(str(data),), max_length=16),
-        checkpoint=CheckpointConfig(every_steps=4),
-    )
-
-
-def test_restore_onto_another_mesh_and_device_count(tmp_path, tiny_bert, data_dir):
+def resumable_copy(reference: Path, dest: Path, last_step: int) -> Path:
+    """A copy of a finished run whose checkpoints after `last_step` are gone, as if it had died there."""
     import shutil
 
+    shutil.copytree(reference, dest)
+    for step in complete_steps(dest):
+        if step > last_step:
+            shutil.rmtree(dest / "checkpoints" / str(step))
+    return dest
+
+
+def test_restore_onto_another_mesh_and_device_count(setup, tmp_path):
+    from jaxft.config import load_config
     from jaxft.train import train
 
-    data = write_dataset(tmp_path / "data.jsonl")
-    reference = tmp_path / "reference"
-    train(_in_process_config(tiny_bert, data), reference)
-    expected = final_params(reference)
-
-    resharded = tmp_path / "resharded"
-    shutil.copytree(reference, resharded)
-    shutil.rmtree(resharded / "checkpoints" / "8")
-    result = train(_in_process_config(tiny_bert, data, mesh=(2, 2, 2)), resharded)
+    expected = run_params(setup["reference"])
+    resharded = resumable_copy(setup["reference"], tmp_path / "resharded", 4)
+    cfg = load_config(setup["config"], ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    result = train(cfg, resharded)
     assert result.start_step == 4
     kernel = result.state.trainable["encoder"]["layers"][0]["up"]["kernel"].get_value()
     assert dict(kernel.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    got = final_params(resharded)
+    got = run_params(resharded)
     for k in expected:  # other reduction orders: equal up to float rounding, not bitwise
         np.testing.assert_allclose(got[k], expected[k], atol=2e-5, err_msg=k)
 
     # Saved on 8 devices, resumed by a process that has 4.
-    four = tmp_path / "four"
-    shutil.copytree(reference, four)
-    shutil.rmtree(four / "checkpoints" / "8")
-    config = tmp_path / "four.py"
-    config.write_text(
-        "from jaxft.config import *\n"
-        f"config = Config(model=ModelConfig(source={str(tiny_bert)!r}), optim=OptimConfig(learning_rate=1e-3),\n"
-        "    train=TrainConfig(max_steps=8, batch_size=8, eval_every_steps=0, eval_batch_size=8),\n"
-        f"    data=DataConfig(dataset='files', train_files=({str(data)!r},), eval_files=({str(data)!r},),\n"
-        "        max_length=16),\n"
-        "    checkpoint=CheckpointConfig(every_steps=4))\n"
-    )
+    four = resumable_copy(setup["reference"], tmp_path / "four", 4)
     r = run(
-        cli_args(config, four, "mesh.data=2", "mesh.fsdp=2"),
+        cli_args(setup["config"], four, "mesh.data=2", "mesh.fsdp=2"),
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr
-    got = final_params(four)
+    got = run_params(four)
     for k in expected:
         np.testing.assert_allclose(got[k], expected[k], atol=2e-5, err_msg=k)
 
@@ -288,7 +219,7 @@ def test_sigkill_during_an_async_save_keeps_the_previous_checkpoint(tmp_path, da
             proc.kill()
     assert caught and proc.returncode == -signal.SIGKILL, "the kill did not land during step 4's save"
     assert complete_steps(run_dir) == [2]
-    final_params(run_dir)  # the previous checkpoint restores
+    run_params(run_dir)  # the previous checkpoint restores
     r = run([*args[:-2], "checkpoint.every_steps=2", "train.log_every_steps=1"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stderr and "/checkpoints/2" in r.stderr
@@ -331,7 +262,7 @@ def test_a_failing_save_stops_with_one_line_and_keeps_the_last_good_checkpoint(s
     assert line.startswith("jaxft: error: ") and "saving step 6 failed" in line, r.stderr[-3000:]
     assert "the last good checkpoint is step 4" in line and "Traceback" not in r.stderr
     assert complete_steps(run_dir) == [4, 2]
-    assert_bitwise_equal(final_params(setup["reference"], 4), final_params(run_dir, 4))
+    assert_bitwise_equal(run_params(setup["reference"], 4), run_params(run_dir, 4))
 
 
 def test_a_run_trained_on_8_devices_is_read_on_1(setup, tmp_path):
@@ -340,7 +271,7 @@ def test_a_run_trained_on_8_devices_is_read_on_1(setup, tmp_path):
     r = run([sys.executable, "-m", "jaxft.cli", "eval", str(setup["reference"]), "--step", "12"], env=one)
     assert r.returncode == 0, r.stderr[-3000:]
     ours = json.loads((setup["reference"] / "eval-12.json").read_text())
-    final = [x for x in records(setup["reference"]) if "eval_loss" in x][-1]
+    final = [x for x in metrics_records(setup["reference"]) if "eval_loss" in x][-1]
     assert abs(ours["eval_loss"] - final["eval_loss"]) < 1e-5
 
 
@@ -355,4 +286,4 @@ def test_unreadable_checkpoint_metrics_are_moved_aside_not_fatal(setup, tmp_path
     r = run(cli_args(setup["config"], run_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "unreadable checkpoint metrics" in r.stderr and (run_dir / "damaged_checkpoints" / "12").is_dir()
-    assert_bitwise_equal(final_params(setup["reference"]), final_params(run_dir))
+    assert_bitwise_equal(run_params(setup["reference"]), run_params(run_dir))

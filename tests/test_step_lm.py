@@ -9,14 +9,13 @@ from flax import nnx
 
 from jaxft import compile, mesh
 from jaxft import step as step_lib
-from tests import test_llama_parity as llama_tests
-from tests.helpers import make_setup, random_lm_batch
+from tests.fixtures import llama_family, make_setup, random_lm_batch, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    make, _ = llama_tests.FAMILIES["llama"]  # untied lm_head
-    return llama_tests.save_tiny(tmp_path_factory.mktemp("lm_loss") / "llama", make())
+    config, _ = llama_family("llama")  # untied lm_head
+    return save_tiny_llama(tmp_path_factory.mktemp("lm_loss") / "llama", config)
 
 
 def _loss_and_grads(setup, batch, chunk):

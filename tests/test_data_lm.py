@@ -9,44 +9,17 @@ import pytest
 from jaxft.config import DataConfig
 from jaxft.data import lm
 from jaxft.data.builders import DataError
-
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-WORDS = (
-    "system user assistant you are helpful what is the capital of france paris it ok hello hi there bye "
-    "a b c d e f g h one two three four five six seven eight nine ten"
-).split()
-
-
-def _save_tokenizer(folder, chat_template=None):
-    """A tiny word-level fast tokenizer saved the way a checkpoint ships it (no network)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + WORDS + ["<|", "|>", ".", "?", ","])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    if chat_template:
-        fast.chat_template = chat_template
-    fast.save_pretrained(folder)
-    return folder
+from tests.fixtures import CHATML, WORDS, save_tokenizer
 
 
 @pytest.fixture(scope="module")
 def chatml_tok(tmp_path_factory):
-    return _save_tokenizer(tmp_path_factory.mktemp("chatml"), CHATML)
+    return save_tokenizer(tmp_path_factory.mktemp("chatml"), CHATML)
 
 
 @pytest.fixture(scope="module")
 def plain_tok(tmp_path_factory):
-    return _save_tokenizer(tmp_path_factory.mktemp("plain"))
+    return save_tokenizer(tmp_path_factory.mktemp("plain"))
 
 
 def _jsonl(path, rows):
