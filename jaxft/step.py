@@ -170,7 +170,7 @@ def train_step(
     # A non-finite loss, gradient or new parameter drops the whole update, so the state (and every
     # checkpoint of it) stays finite; the host decides from `nonfinite` whether to halt or go on.
     bad_leaf_G = jnp.stack([~jnp.isfinite(g).all() for g in jax.tree.leaves(grads)])
-    finite = jnp.isfinite(loss) & ~bad_leaf_G.any() & _all_finite(trainable)
+    finite = _all_finite([loss, ~bad_leaf_G, trainable])
     trainable, opt_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (trainable, opt_state), (state.trainable, state.opt_state)
     )
@@ -188,8 +188,17 @@ def train_step(
 
 
 def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+    """Whether every inexact leaf of `tree` is finite (a boolean leaf counts as finite where it is True).
+
+    The answer is read at the first offending leaf, found by argmax, rather than by `.all()`: XLA rewrites an
+    all() of stacked scalars into a chain of scalar ands and copies that chain into the fusion of every
+    consumer, here every parameter's select, which made the step's compile quadratic in the leaf count
+    (a tiny BERT's compiled step: 44k HLO lines instead of 17k, and 8 s of compile instead of 4 on CPU)."""
+    bad = [~jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact) else ~x.all() for x in jax.tree.leaves(tree)]
+    if not bad:
+        return jnp.asarray(True)
+    bad = jnp.stack(bad)
+    return ~bad[jnp.argmax(bad)]
 
 
 def eval_step(
