@@ -6,13 +6,15 @@ Every error a user can cause is printed as one line `jaxft: error: ...` with exi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
 import warnings
 from pathlib import Path
 
-from jaxft import hostmem
+from jaxft import hostmem, runtime
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,6 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.models.hf_layout import ArchitectureError
     from jaxft.paths import RuleError
     from jaxft.sharding import ShardingError
+    from jaxft.targets import TargetError
 
     return (
         ConfigError,
@@ -34,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DataError,
         MeshError,
         ShardingError,
+        TargetError,
         RuleError,
         RunCheckpointError,
         NonFiniteError,
@@ -189,9 +193,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from jaxft.config import load_config
-    from jaxft.plan import describe_plan
+    from jaxft.plan import describe_plan, plan_target, render_target
 
-    print(describe_plan(load_config(args.config, args.overrides)))
+    cfg = load_config(args.config, args.overrides)
+    if not args.target:
+        print(describe_plan(cfg))
+        return 0
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # stdout holds the JSON only
+        report = plan_target(cfg, args.target)
+    print(json.dumps(report) if args.json else render_target(report))
     return 0
 
 
@@ -246,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print parameters, shardings, freeze status and memory; builds nothing")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
+    p.add_argument(
+        "--target",
+        default="",
+        help="compile the train step for a TPU slice (v5litepod-4, v5p-8, v6e-16, v4-8, v5e:2x2, ...; needs the "
+        "tpu extra) or `local`, and say whether it fits",
+    )
+    p.add_argument("--json", action="store_true", help="with --target: print one JSON object")
     p.set_defaults(fn=cmd_plan)
     return parser
 
@@ -260,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     _quiet_libraries()
+    log = logging.getLogger("jaxft")
+    log.debug("platforms: %s", hostmem.keep_jax_off_absent_tpu())
+    log.debug("%s", runtime.set_gpu_xla_flags())
     # Before anything starts JAX's CPU backend, whose worker threads pick their malloc arenas once.
-    logging.getLogger("jaxft").debug("host malloc: %s", hostmem.tune_malloc_for_xla_cpu())
+    log.debug("host malloc: %s", hostmem.tune_malloc_for_xla_cpu())
+    log.debug("%s", runtime.configure_compilation_cache())
     errors = _user_errors()
     try:
         if args.command == "train":

@@ -72,7 +72,8 @@ class ModelConfig:
     task: str = "sequence-classification"  # or "token-classification" (encoders), "causal-lm" (decoders)
     num_labels: int = 0  # 0: take it from data.label_names
     param_dtype: str = "float32"
-    compute_dtype: str = "float32"  # "bfloat16" computes in bf16 with fp32 params
+    # "auto": bf16 compute with fp32 parameters on TPUs and GPUs, fp32 on CPUs; or "float32" / "bfloat16"
+    compute_dtype: str = "auto"
     remat: str = _resumable("none")  # recompute activations in the backward pass: none | full | dots_saveable | ...
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
     scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
@@ -237,7 +238,7 @@ class Config:
 _CHOICES = {
     "model.task": ("sequence-classification", "token-classification", "causal-lm"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("auto", "float32", "bfloat16"),
     "model.frozen_dtype": ("", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
     "optim.name": ("adamw", "sgd", "adafactor"),

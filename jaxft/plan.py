@@ -1,19 +1,26 @@
-"""`jaxft plan`: parameters, shardings, freeze status and per-device memory, from shapes alone.
+"""`jaxft plan`: parameters, shardings, freeze status and per-device memory, from shapes alone; with a target,
+the train step compiled ahead of time for that target's devices, and whether it fits.
 
-It reads only the checkpoint's config.json and builds no array on any device.
+It reads only the checkpoint's config.json and builds no array on any device. The model, freeze plan, state
+layout and jitted step come from the same setup calls `train` makes, so the step compiled here is the one
+`train` runs (on the target's devices, with the compute dtype resolved for them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxft import freeze, optim, setup, targets
 from jaxft import mesh as mesh_lib
-from jaxft import optim, setup
+from jaxft import step as step_lib
 from jaxft.config import Config
 from jaxft.data import pipeline
 from jaxft.paths import path_str
@@ -35,10 +42,20 @@ def _fmt(n: float) -> str:
     return str(n)
 
 
-def describe_plan(cfg: Config) -> str:
-    """The table `jaxft plan` prints: every parameter's shape, dtype, sharding and freeze status, the freeze
-    report, and per-device bytes of parameters, gradients and optimizer state, laid out as `train` lays them."""
-    mesh = mesh_lib.build_mesh(cfg.mesh)
+@dataclasses.dataclass(frozen=True)
+class PlanParts:
+    """What `train` builds before it reads a weight, on a mesh over `devices`."""
+
+    cfg: Config
+    mesh: Mesh
+    skeleton: setup.ModelSkeleton
+    plan: freeze.FreezePlan
+    layout: setup.StateLayout  # of the first freeze phase
+    schedule: Any
+
+
+def build_parts(cfg: Config, devices: list | None = None) -> PlanParts:
+    mesh = setup.build_mesh(cfg, devices)
     if cfg.model.task == "causal-lm":
         labels: tuple[str, ...] = ()  # an LM's head is its vocabulary: no data needed to shape it
     else:
@@ -47,7 +64,33 @@ def describe_plan(cfg: Config) -> str:
     skeleton = setup.skeleton_of(spec, cfg, mesh, folder, hf)
     plan = setup.build_freeze_plan(skeleton, cfg)
     skeleton = setup.with_frozen_dtype(skeleton, cfg.model.frozen_dtype, plan.frozen_paths)
-    trainable_paths = frozenset(plan.trainable_paths)
+    phases = setup.build_phases(skeleton, plan, cfg)
+    schedule = optim.build_schedule(cfg.optim, cfg.train.max_steps)
+    layout = setup.abstract_state(skeleton, plan, phases.phase_at(0).trainable_paths, cfg, schedule)
+    return PlanParts(cfg, mesh, skeleton, plan, layout, schedule)
+
+
+def memory_tallies(parts: PlanParts) -> dict[str, int]:
+    """Per-device bytes of parameters, gradients and optimizer state: each leaf's largest shard, summed."""
+    mesh, layout = parts.mesh, parts.layout
+    specs = {name: s.spec for name, s in parts.skeleton.param_shardings.items()}
+    totals = {"params": 0, "grads": 0, "optimizer": 0}
+    for p, v in nnx.to_flat_state(parts.skeleton.abstract_params):
+        nbytes = _shard_bytes(v.shape, v.dtype, specs[path_str(p)], mesh)
+        totals["params"] += nbytes
+        totals["grads"] += nbytes if path_str(p) in layout.trainable_paths else 0
+    totals["optimizer"] = sum(
+        _shard_bytes(x.shape, x.dtype, s.spec, mesh)
+        for x, s in zip(jax.tree.leaves(layout.abstract.opt_state), jax.tree.leaves(layout.shardings.opt_state))
+    )
+    return totals
+
+
+def describe_plan(cfg: Config) -> str:
+    """The table `jaxft plan` prints: every parameter's shape, dtype, sharding and freeze status, the freeze
+    report, and per-device bytes of parameters, gradients and optimizer state, laid out as `train` lays them."""
+    parts = build_parts(cfg)
+    mesh, skeleton, plan = parts.mesh, parts.skeleton, parts.plan
     specs = {name: s.spec for name, s in skeleton.param_shardings.items()}
     width = max(28, *(len(str(s)) for s in specs.values()))
     lines = [
@@ -56,28 +99,201 @@ def describe_plan(cfg: Config) -> str:
         "",
         f"{'parameter':<48} {'shape':<16} {'dtype':<8} {'sharding':<{width}} {'status':<10} rule",
     ]
-    totals = {"params": 0, "grads": 0}
     for p, v in nnx.to_flat_state(skeleton.abstract_params):
         name = path_str(p)
-        status = "train" if name in trainable_paths else "frozen"
-        if name in trainable_paths and plan.lr_multiplier(name) != 1.0:
+        status = "train" if name in parts.layout.trainable_paths else "frozen"
+        if status == "train" and plan.lr_multiplier(name) != 1.0:
             status = f"train×{plan.lr_multiplier(name):g}"
-        nbytes = _shard_bytes(v.shape, v.dtype, specs[name], mesh)
-        totals["params"] += nbytes
-        totals["grads"] += nbytes if name in trainable_paths else 0
         lines.append(
             f"{name:<48} {list(v.shape)!s:<16} {v.dtype!s:<8} {specs[name]!s:<{width}} "
             f"{status:<10} {plan.rule_of[name]}: {plan.rule_for(name).pattern}"
         )
-    layout = setup.abstract_state(
-        skeleton, plan, trainable_paths, cfg, optim.build_schedule(cfg.optim, cfg.train.max_steps)
-    )
-    totals["optimizer"] = sum(
-        _shard_bytes(x.shape, x.dtype, s.spec, mesh)
-        for x, s in zip(jax.tree.leaves(layout.abstract.opt_state), jax.tree.leaves(layout.shardings.opt_state))
-    )
+    totals = memory_tallies(parts)
     lines += ["", plan.report(), "", "per-device memory (largest shard per device):"]
     for k in ("params", "grads", "optimizer"):
         lines.append(f"  {k:<10} {_fmt(totals[k])}")
     lines.append(f"  {'total':<10} {_fmt(sum(totals.values()))}  (before activations)")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- --target
+
+MFU = 0.4  # the model-FLOPs utilisation a step-time estimate assumes
+
+
+def compile_train_step(parts: PlanParts) -> dict[str, Any]:
+    """The first phase's train step compiled ahead of time for the parts' devices: XLA's per-device bytes,
+    the step's FLOPs and the attention implementation in the compiled program.
+
+    A TPU compile that cannot fit the chip fails in XLA with the bytes its temporaries need; that is a result
+    here, not an error: the arguments are then counted from the state's shards, and `compiled` is false."""
+    cfg, layout, mesh = parts.cfg, parts.layout, parts.mesh
+    graphdef = setup.configured_graphdef(parts.skeleton, cfg.model)
+    step = setup.jit_train_step(graphdef, layout, parts.schedule, cfg, mesh)
+    lowered = setup.lower_train_step(step, layout, cfg, mesh)
+    out = {"compute_dtype": str(setup.compute_dtype(cfg.model, mesh))}
+    out["attention"] = setup.attention_implementation(lowered.as_text())
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        needed = _out_of_memory(str(e))
+        if needed is None:
+            raise
+        abstract = (layout.abstract, step_lib.batch_shapes(cfg.model.task, cfg.train.batch_size, cfg.data.max_length))
+        shardings = (layout.shardings, jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), abstract[1]))
+        args = sum(
+            _shard_bytes(x.shape, x.dtype, sh.spec, mesh)
+            for x, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+        )
+        per_device = {"argument_bytes": args, "output_bytes": None, "alias_bytes": None, "temp_bytes": needed[0]}
+        per_device["peak_bytes"] = args + needed[0]
+        return {**out, "compiled": False, "per_device": per_device, "flops_per_step": None, "xla_hbm_bytes": needed[1]}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    per_device = {
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+        "alias_bytes": int(mem.alias_size_in_bytes),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+    }
+    # Donated state buffers are reused for the new state: outputs that alias an argument take no more room.
+    per_device["peak_bytes"] = (
+        per_device["argument_bytes"] + per_device["output_bytes"] - per_device["alias_bytes"] + per_device["temp_bytes"]
+    )
+    out["attention"] = setup.attention_implementation(lowered.as_text() + compiled.as_text())
+    flops = float((cost or {}).get("flops", 0.0)) or None
+    return {**out, "compiled": True, "per_device": per_device, "flops_per_step": flops, "xla_hbm_bytes": None}
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _out_of_memory(message: str) -> tuple[int, int | None] | None:
+    """(bytes needed for temporaries, bytes the compiler had) from XLA's out-of-HBM compile error, else None."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    sizes = [float(n) * _UNITS[u] for n, u in re.findall(r"\(([\d.]+)([KMGT]?)\)", message)]
+    if not sizes:
+        return None
+    return int(sizes[0]), int(sizes[1]) if len(sizes) > 1 else None
+
+
+def plan_target(cfg: Config, target_name: str, advise: bool = True) -> dict[str, Any]:
+    """`jaxft plan --target`: the compiled step's per-device memory on the target against its HBM, FLOPs and an
+    estimated step time, the parameter/gradient/optimizer tallies, and (when it does not fit) advice, each
+    piece of which was checked by planning again."""
+    target = targets.resolve_target(target_name)
+    report = _plan_on(cfg, target)
+    report["advice"] = _advice(cfg, target, report) if advise and report["fits"] is False else []
+    return report
+
+
+def _plan_on(cfg: Config, target: targets.Target) -> dict[str, Any]:
+    parts = build_parts(cfg, target.devices)
+    compiled = compile_train_step(parts)
+    peak = compiled["per_device"]["peak_bytes"]
+    hbm = target.hbm_bytes
+    flops = compiled["flops_per_step"]
+    fits = None if hbm is None else (compiled["compiled"] and peak <= hbm)
+    mesh = parts.mesh
+    return {
+        "target": target.name,
+        "topology": target.topology,
+        "platform": target.platform,
+        "devices": len(target.devices),
+        "mesh": {a: int(mesh.shape[a]) for a in mesh_lib.AXES},
+        **compiled,
+        "hbm_bytes_per_device": hbm,
+        "hbm_source": target.source,
+        "fits": fits,
+        "margin_bytes": None if hbm is None else hbm - peak,
+        "peak_flops_per_device": target.peak_flops,
+        "mfu_assumed": MFU,
+        "est_step_seconds": flops / (target.peak_flops * MFU) if target.peak_flops and flops else None,
+        "tallies_per_device": memory_tallies(parts),
+    }
+
+
+def _candidates(cfg: Config, devices: int) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Changes that cut per-device memory, cheapest in speed first; each as (what a user types, derive kwargs)."""
+    out: list[tuple[str, dict[str, dict[str, Any]]]] = []
+    if cfg.mesh.fsdp != devices and cfg.train.batch_size % devices == 0:
+        out.append((f"mesh.data=1 mesh.fsdp={devices}", {"mesh": {"data": 1, "fsdp": devices, "tensor": 1}}))
+    if cfg.model.remat == "none":
+        out.append(("model.remat=full", {"model": {"remat": "full"}}))
+    dp = devices if out and out[0][0].startswith("mesh") else cfg.mesh.data * cfg.mesh.fsdp
+    accum = cfg.train.grad_accum_steps * 4
+    if dp > 0 and cfg.train.batch_size % (accum * dp) == 0:
+        out.append((f"train.grad_accum_steps={accum}", {"train": {"grad_accum_steps": accum}}))
+    if cfg.model.task == "causal-lm" and cfg.lora.rank == 0:
+        rules = [r.to_json() for r in freeze.train_adapters_only()]
+        lora = {"lora": {"rank": 16}, "model": {"frozen_dtype": "bfloat16"}, "freeze": {"rules": rules}}
+        out.append(("lora.rank=16 model.frozen_dtype=bfloat16 freeze.rules=<adapters only>", lora))
+    return out
+
+
+def _merge(a: dict[str, dict[str, Any]], b: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {k: {**a.get(k, {}), **b.get(k, {})} for k in a.keys() | b.keys()}
+
+
+def _advice(cfg: Config, target: targets.Target, report: dict[str, Any]) -> list[str]:
+    """Each candidate alone, then all so far together, planned again until one fits; every line says what was
+    measured. A candidate the config cannot take (a mesh that does not divide, say) is skipped."""
+    advice, combined, labels = [], {}, []
+    for label, change in _candidates(cfg, len(target.devices)):
+        tries = [(label, change)]
+        if combined:
+            tries.append((" ".join([*labels, label]), _merge(combined, change)))
+        for text, derived in tries:
+            try:
+                again = _plan_on(cfg.derive(**derived), target)
+            except (ValueError, TypeError) as e:
+                advice.append(f"{text} → not possible here ({str(e).splitlines()[0]})")
+                continue
+            peak = again["per_device"]["peak_bytes"]
+            advice.append(f"{text} → {_fmt(peak)}/device, {'fits' if again['fits'] else 'does not fit'}")
+            if again["fits"]:
+                return advice
+        combined, labels = _merge(combined, change), [*labels, label]
+    return advice
+
+
+def render_target(report: dict[str, Any]) -> str:
+    """The text `jaxft plan --target` prints."""
+    pd, hbm, mesh = report["per_device"], report["hbm_bytes_per_device"], report["mesh"]
+    shape = f" ({report['topology']})" if report["topology"] not in ("", report["target"]) else ""
+    lines = [
+        f"target: {report['target']}{shape}, {report['devices']} devices; "
+        f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}",
+        f"train step (compute {report['compute_dtype']}, attention: {report['attention']}), per device:",
+    ]
+    if report["compiled"]:
+        lines += [
+            f"  arguments {_fmt(pd['argument_bytes'])}   (parameters, optimizer state, batch)",
+            f"  temp      {_fmt(pd['temp_bytes'])}   (activations, scratch)",
+            f"  output    {_fmt(pd['output_bytes'])}, of which {_fmt(pd['alias_bytes'])} reuse donated arguments",
+            f"  peak      {_fmt(pd['peak_bytes'])}",
+        ]
+    else:
+        had = f" of the {_fmt(report['xla_hbm_bytes'])} it had" if report["xla_hbm_bytes"] else ""
+        lines += [
+            f"  XLA stopped the compile: its temporaries need {_fmt(pd['temp_bytes'])}{had}",
+            f"  arguments {_fmt(pd['argument_bytes'])}   (parameters, optimizer state, batch: counted from shards)",
+            f"  peak      at least {_fmt(pd['peak_bytes'])}",
+        ]
+    tallies = report["tallies_per_device"]
+    lines.append("  plan's own tally: " + ", ".join(f"{k} {_fmt(v)}" for k, v in tallies.items()))
+    if hbm is None:
+        lines.append("memory per device: unknown on this target")
+    else:
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        margin = _fmt(abs(report["margin_bytes"])) + ("" if report["margin_bytes"] >= 0 else " short")
+        lines.append(f"memory per device: {_fmt(hbm)} ({report['hbm_source']}): {verdict}, margin {margin}")
+    if report["flops_per_step"]:
+        lines.append(f"FLOPs per step per device: {report['flops_per_step']:.3g}")
+    if report["est_step_seconds"] is not None:
+        lines.append(f"estimated step time at {report['mfu_assumed']:.0%} MFU: {report['est_step_seconds']:.3g} s")
+    if report["advice"]:
+        lines += ["advice (each planned again):", *(f"  {a}" for a in report["advice"])]
     return "\n".join(lines)

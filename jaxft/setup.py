@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxft import axes, compile, freeze, models, optim, sharding
 from jaxft import mesh as mesh_lib
+from jaxft import step as step_lib
 from jaxft.config import Config, ConfigError, LoadConfig, LoraConfig, MeshConfig, ModelConfig
 from jaxft.load import (
     CheckpointError,
@@ -40,9 +41,10 @@ log = logging.getLogger("jaxft.setup")
 # ------------------------------------------------------------------------------------------------- model
 
 
-def build_mesh(cfg: Config) -> Mesh:
-    """cfg's mesh over this process's devices, checked against the train and eval batch sizes."""
-    mesh = mesh_lib.build_mesh(cfg.mesh)
+def build_mesh(cfg: Config, devices: list | None = None) -> Mesh:
+    """cfg's mesh over this process's devices (or `devices`: a compile target's), checked against the train and
+    eval batch sizes."""
+    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
     mesh_lib.check_batch(cfg.train.batch_size, mesh, microbatches=cfg.train.grad_accum_steps)
     mesh_lib.check_batch(cfg.train.eval_batch_size, mesh, what="train.eval_batch_size")
     return mesh
@@ -128,11 +130,21 @@ def with_frozen_dtype(skeleton: ModelSkeleton, dtype: str, frozen_paths: set[str
     return dataclasses.replace(skeleton, abstract_params=nnx.from_flat_state(flat))
 
 
+def compute_dtype(model_cfg: ModelConfig, mesh: Mesh) -> jnp.dtype:
+    """model.compute_dtype on this mesh's devices: "auto" is bf16 on TPUs and GPUs (their matrix units' dtype;
+    parameters stay in param_dtype) and fp32 on CPUs, where bf16 is emulated and slower."""
+    if model_cfg.compute_dtype != "auto":
+        return jnp.dtype(model_cfg.compute_dtype)
+    platform = mesh.devices.flat[0].platform
+    return jnp.dtype(jnp.float32 if platform == "cpu" else jnp.bfloat16)
+
+
 def configured_graphdef(skeleton: ModelSkeleton, model_cfg: ModelConfig) -> nnx.GraphDef:
-    """The model's structure with cfg's execution options bound: compute dtype, remat, and (decoders) logits_chunk."""
+    """The model's structure with cfg's execution options bound: compute dtype (resolved for the skeleton's mesh),
+    remat, and (decoders) logits_chunk."""
     model = nnx.merge(skeleton.graphdef, skeleton.abstract_params)
     options = {"logits_chunk": model_cfg.logits_chunk} if skeleton.family.is_decoder else {}
-    model.configure(jnp.dtype(model_cfg.compute_dtype), model_cfg.remat, **options)
+    model.configure(compute_dtype(model_cfg, skeleton.mesh), model_cfg.remat, **options)
     return nnx.split(model)[0]
 
 
@@ -341,6 +353,39 @@ def jit_train_step(
     return compile.jit_train_step(
         graphdef, layout.tx, schedule, cfg.train.grad_accum_steps, layout.shardings, mesh, cfg.model.task
     )
+
+
+def lower_train_step(step: compile.CountingJit, layout: StateLayout, cfg: Config, mesh: Mesh) -> Any:
+    """The jitted step lowered for `layout`'s state and one global batch of cfg's shapes, from shapes alone. The
+    step's later calls on real arrays of these shapes and shardings reuse this trace."""
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
+    )
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+    shapes = step_lib.batch_shapes(cfg.model.task, cfg.train.batch_size, cfg.data.max_length)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in shapes.items()}
+    return step.lower(state, batch)
+
+
+def attention_implementation(program: str) -> str:
+    """Which attention a lowered or compiled program runs: cuDNN's fused kernel ("cudnn"), a TPU Pallas/Mosaic
+    kernel ("tpu-kernel"), or XLA's own ops ("xla")."""
+    if "cudnn$fmha" in program:
+        return "cudnn"
+    if "tpu_custom_call" in program:
+        return "tpu-kernel"
+    return "xla"
+
+
+def execution_record(step: compile.CountingJit, layout: StateLayout, cfg: Config, mesh: Mesh) -> dict[str, str]:
+    """How the train step runs, for run.json: the platform, the resolved compute dtype and the attention the
+    lowered step holds."""
+    program = lower_train_step(step, layout, cfg, mesh).as_text()
+    return {
+        "platform": mesh.devices.flat[0].platform,
+        "compute_dtype": str(compute_dtype(cfg.model, mesh)),
+        "attention": attention_implementation(program),
+    }
 
 
 # ---------------------------------------------------------------------------------------- tests, benches

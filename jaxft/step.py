@@ -246,3 +246,14 @@ TASKS: dict[str, Task] = {
     "token-classification": Task(_CLASSIFICATION_FIELDS, classification_forward, classification_loss, class_counts),
     "causal-lm": Task(("input_ids", "loss_mask", "segment_ids", "positions"), causal_lm_forward, causal_lm_loss, None),
 }
+
+
+def batch_shapes(task: str, batch_size: int, max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of one global train batch of `task`, as the data pipelines build it."""
+    rows = (batch_size, max_length)
+    if task == "causal-lm":
+        dtypes = {"input_ids": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32, "positions": jnp.int32}
+        return {k: jax.ShapeDtypeStruct(rows, dtypes[k]) for k in TASKS[task].fields}
+    labels = rows if task == "token-classification" else (batch_size,)
+    shapes = {"labels": (labels, jnp.int32), "weights": ((batch_size,), jnp.float32)}
+    return {k: jax.ShapeDtypeStruct(*shapes.get(k, (rows, jnp.int32))) for k in TASKS[task].fields}

@@ -62,9 +62,12 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     data_iter = iter(data.train_dataset)
     if resume:
         data_iter.set_state(run_dir_lib.process_data_state(resume.data))
-    meta = run_dir_lib.run_metadata(cfg, plan, skeleton, data.label_names, phase.trainable_paths, data.prompt_kind)
-    open_run_dir(run_dir, meta, start_step)
     graphdef = setup.configured_graphdef(skeleton, cfg.model)
+    step_of = functools.cache(lambda paths: setup.jit_train_step(graphdef, layout_of(paths), schedule, cfg, mesh))
+    meta = run_dir_lib.run_metadata(cfg, plan, skeleton, data.label_names, phase.trainable_paths, data.prompt_kind)
+    first = phase.trainable_paths
+    meta["execution"] = setup.execution_record(step_of(first), layout_of(first), cfg, mesh)
+    open_run_dir(run_dir, meta, start_step)
     skipped = int(resume.data.get("skipped_steps", 0)) if resume else 0
     nonfinite = loop.NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_steps, skipped)
     saver, writer = checkpoint.Saver(run_dir, cfg.checkpoint), metrics_lib.MetricsWriter(run_dir)
@@ -77,7 +80,7 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     hooks = loop.LoopHooks(
         next_batch=lambda: mesh_lib.make_global_batch(next(data_iter), mesh),
         phase_at=phases.phase_at,
-        build_step=functools.partial(build_phase_step, cfg, graphdef, layout_of, schedule, mesh),
+        build_step=functools.partial(build_phase_step, step_of, layout_of),
         evaluate=build_run_evaluate(cfg, skeleton, graphdef, data, run_dir, mesh),
         save=save,
         write_metrics=writer.write,
@@ -135,12 +138,11 @@ def open_run_dir(run_dir: Path, meta: dict[str, Any], start_step: int) -> None:
     metrics_lib.truncate_metrics(run_dir, start_step, "samples.jsonl")
 
 
-def build_phase_step(
-    cfg: Config, graphdef, layout_of: LayoutOf, schedule, mesh: Mesh, phase: freeze.FreezePhase
-) -> loop.PhaseStep:
-    """A freeze phase's jitted step, with the names of its trainable leaves and its layout."""
+def build_phase_step(step_of, layout_of: LayoutOf, phase: freeze.FreezePhase) -> loop.PhaseStep:
+    """A freeze phase's jitted step (one per phase: the first was lowered for run.json already, and its calls
+    reuse that trace), with the names of its trainable leaves and its layout."""
     layout = layout_of(phase.trainable_paths)
-    return loop.PhaseStep(setup.jit_train_step(graphdef, layout, schedule, cfg, mesh), layout.leaf_paths, layout)
+    return loop.PhaseStep(step_of(phase.trainable_paths), layout.leaf_paths, layout)
 
 
 def enter_phase(state: TrainState, phase_step: loop.PhaseStep, step: int) -> TrainState:

@@ -6,6 +6,10 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (the test extra has it, for `plan --target`) stays quiet on this TPU-less host, as under the CLI.
+from jaxft import hostmem  # noqa: E402  (imports no jax)
+
+hostmem.keep_jax_off_absent_tpu()
 # One persistent XLA cache for the session (and the CLI subprocesses it starts, which inherit the
 # environment): tests that build the same tiny model's step compile it once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -15,11 +19,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from pathlib import Path
+from pathlib import Path  # noqa: E402  (the environment above comes first)
 
-import pytest
+import pytest  # noqa: E402
 
-from tests.fixtures import minilm_path, save_tiny_bert
+from tests.fixtures import minilm_path, save_tiny_bert  # noqa: E402
 
 
 @pytest.fixture(scope="session")

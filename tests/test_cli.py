@@ -40,6 +40,9 @@ def test_demo_config_end_to_end_then_predict_and_plan(tmp_path, data_dir):
     assert abs(correct - round(correct)) < 1e-6, evals[-1]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # How the step ran: model.compute_dtype=auto is fp32 on a CPU; attention is XLA's own ops here.
+    execution = json.loads((run_dir / "run.json").read_text())["execution"]
+    assert execution == {"platform": "cpu", "compute_dtype": "float32", "attention": "xla"}
 
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "Great product, works perfectly."}\n{"text": "Broke after a day.", "id": 7}\n')

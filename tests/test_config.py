@@ -46,7 +46,7 @@ def test_defaults():
         task="sequence-classification",
         num_labels=0,
         param_dtype="float32",
-        compute_dtype="float32",
+        compute_dtype="auto",  # bf16 on TPUs and GPUs, fp32 on CPUs (setup.compute_dtype)
         remat="none",
         dropout_rate=-1.0,
         scan_layers=True,

@@ -76,3 +76,30 @@ def test_an_accelerator_platform_is_left_alone_unless_forced():
     assert r["result"] == "untouched: JAX may run on an accelerator (JAX_PLATFORMS=tpu)"
     assert r["mmapped"] == 1
     assert probe({"JAX_PLATFORMS": "tpu", "JAXFT_HOST_MALLOC": "1"})["result"] == "tuned"
+
+
+def test_an_installed_libtpu_without_a_tpu_neither_probes_nor_stops_tuning():
+    """A CPU host with the tpu extra (libtpu, for `plan --target`): the CLI's start-up names the CPU platform,
+    so JAX does not probe for a TPU (libtpu would print its failure), and malloc is still tuned."""
+    import importlib.metadata
+
+    from jaxft import hostmem
+
+    if hostmem.attached_accelerators():
+        pytest.skip("an accelerator is attached to this host")
+    try:
+        importlib.metadata.distribution("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("libtpu is not installed")
+    code = (
+        "import os, json\nfrom jaxft import hostmem\nwhat = hostmem.keep_jax_off_absent_tpu()\n"
+        "tuned = hostmem.tune_malloc_for_xla_cpu()\nimport jax\n"
+        "print(json.dumps([what, tuned, os.environ['JAX_PLATFORMS'], jax.devices()[0].platform]))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "JAXFT_HOST_MALLOC")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    what, tuned, platforms, platform = json.loads(out.stdout.strip().splitlines()[-1])
+    assert what.startswith("JAX_PLATFORMS=cpu") and platforms == "cpu" and platform == "cpu"
+    assert tuned == "tuned"
+    assert "TPU" not in out.stderr, out.stderr[-2000:]

@@ -306,3 +306,16 @@ def test_abstract_state_of_adapters_only():
         np.asarray(created.state.trainable["layers"]["self_attn"]["q_proj"]["lora_b"].get_value()), 0
     )
     assert np.abs(np.asarray(created.state.trainable["layers"]["self_attn"]["q_proj"]["lora_a"].get_value())).max() > 0
+
+
+def test_compute_dtype_auto_is_fp32_on_cpu_and_explicit_dtypes_stay():
+    import jax.numpy as jnp
+
+    from jaxft.config import MeshConfig, ModelConfig
+    from jaxft.mesh import build_mesh
+    from jaxft.setup import compute_dtype
+
+    mesh = build_mesh(MeshConfig())
+    assert compute_dtype(ModelConfig(), mesh) == jnp.float32  # "auto" on CPU devices
+    assert compute_dtype(ModelConfig(compute_dtype="bfloat16"), mesh) == jnp.bfloat16
+    assert compute_dtype(ModelConfig(compute_dtype="float32"), mesh) == jnp.float32

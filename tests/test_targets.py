@@ -1,0 +1,155 @@
+"""Compile targets and `jaxft plan --target`: TPU slices named as gcloud names them, compiled for through libtpu on
+this CPU host; the compiled step's per-device bytes against the chip's HBM; advice; bad targets."""
+
+import json
+
+import pytest
+
+from jaxft import targets
+from jaxft.config import load_config
+from jaxft.plan import plan_target, render_target
+from tests.fixtures import ROOT, SFT_ARGS, one_line_error, run_cli, save_tiny_chat_model
+
+libtpu = pytest.importorskip("libtpu", reason="the tpu extra (libtpu) compiles TPU programs")
+
+
+@pytest.mark.parametrize(
+    "name, topology",
+    [
+        ("v5litepod-4", "v5e:2x2"),
+        ("v5litepod-8", "v5e:2x4"),
+        ("v5litepod-256", "v5e:16x16"),
+        ("v6e-16", "v6e:4x4"),
+        ("v5p-8", "v5p:2x2x1"),  # v5p and v4 count TensorCores, two per chip
+        ("v5p-16", "v5p:2x2x2"),
+        ("v5p-128", "v5p:4x4x4"),
+        ("v4-8", "v4:2x2x1"),
+        ("v5e:2x2", "v5e:2x2"),
+        ("v5p:2x2x1", "v5p:2x2x1"),
+    ],
+)
+def test_accelerator_types_and_topologies(name, topology):
+    chip, got = targets.parse_tpu_target(name)
+    assert got == topology and topology.startswith(chip.name + ":")
+
+
+@pytest.mark.parametrize("name", ["v9-8", "v5litepod-3", "v5p-7", "v5e:2x2x1", "v5p:2x2", "tpu", "v5e:0x2"])
+def test_bad_target_names(name):
+    with pytest.raises(targets.TargetError):
+        targets.parse_tpu_target(name)
+
+
+def test_a_slice_has_one_device_per_chip():
+    for name, chips, kind in [("v5litepod-4", 4, "TPU v5 lite"), ("v4-8", 4, "TPU v4"), ("v5p-16", 8, "TPU v5")]:
+        t = targets.resolve_target(name)
+        assert (len(t.devices), t.devices[0].device_kind, t.platform) == (chips, kind, "tpu"), name
+
+
+def test_local_target_is_this_hosts_devices():
+    t = targets.resolve_target("local")
+    assert t.platform == "cpu" and len(t.devices) == 8 and t.hbm_bytes > 0 and t.peak_flops is None
+
+
+# The MiniLM full fine-tune (configs/tiny.py) and a tiny Llama LoRA SFT, each compiled for two TPU slices.
+@pytest.fixture(scope="module")
+def tiny_llama_lora(tmp_path_factory):
+    model = save_tiny_chat_model(tmp_path_factory.mktemp("chat"))
+    overrides = [f"model.source={model}", *(a for a in SFT_ARGS if not a.startswith("mesh."))]
+    return load_config(ROOT / "configs" / "llama_sft_lora.py", overrides)
+
+
+@pytest.mark.parametrize("target", ["v5e:2x2", "v5p:2x2x1"])
+def test_minilm_full_fine_tune_compiles_for_tpu_and_fits(target, data_dir):
+    cfg = load_config(ROOT / "configs" / "tiny.py", ["mesh.data=4"])
+    r = plan_target(cfg, target)
+    pd = r["per_device"]
+    assert r["compiled"] and r["fits"] and r["advice"] == [] and r["devices"] == 4
+    assert r["compute_dtype"] == "bfloat16" and r["attention"] == "xla"  # model.compute_dtype=auto on a TPU
+    assert pd["peak_bytes"] == pd["argument_bytes"] + pd["output_bytes"] - pd["alias_bytes"] + pd["temp_bytes"]
+    assert 0 < pd["peak_bytes"] < r["hbm_bytes_per_device"] and r["margin_bytes"] > 0
+    assert r["flops_per_step"] > 0 and r["est_step_seconds"] > 0
+    # XLA's argument bytes are the state plan counts itself (parameters + optimizer state) plus the batch.
+    tally = r["tallies_per_device"]["params"] + r["tallies_per_device"]["optimizer"]
+    assert abs(pd["argument_bytes"] - tally) / tally < 0.05, (pd, r["tallies_per_device"])
+    assert "fits" in render_target(r)
+
+
+@pytest.mark.parametrize("target", ["v5e:2x2", "v5p:2x2x1"])
+def test_tiny_llama_lora_compiles_for_tpu(target, tiny_llama_lora):
+    r = plan_target(tiny_llama_lora.derive(mesh={"data": 2, "fsdp": 2}), target)
+    assert r["compiled"] and r["fits"] and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    tallies = r["tallies_per_device"]
+    assert 0 < tallies["grads"] < tallies["params"]  # adapters only train
+
+
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+
+def test_llama_8b_full_fine_tune_does_not_fit_a_v5litepod_4(tmp_path):
+    """From config.json alone (no weights): XLA stops the compile, and plan says by how much."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    cfg = load_config(
+        ROOT / "configs" / "tiny.py",
+        [f"model.source={tmp_path}", "model.task=causal-lm", "train.batch_size=8", "data.max_length=1024"],
+    )
+    r = plan_target(cfg, "v5litepod-4", advise=False)
+    assert r["compiled"] is False and r["fits"] is False and r["margin_bytes"] < 0
+    tallies = r["tallies_per_device"]
+    assert tallies["params"] > 29 * 2**30  # 8.0e9 fp32 parameters, replicated over data=4
+    assert r["per_device"]["argument_bytes"] >= tallies["params"] + tallies["optimizer"]
+    assert "does NOT fit" in render_target(r)
+
+
+def test_unknown_target_is_one_line_listing_valid_ones(capsys, data_dir):
+    line = one_line_error(["plan", str(ROOT / "configs" / "tiny.py"), "--target", "v9-8"], capsys)
+    assert "unknown target 'v9-8'" in line and "v5litepod-4" in line and "v5p:2x2x1" in line
+
+
+def test_mesh_that_does_not_divide_the_target_is_one_line(capsys, data_dir):
+    line = one_line_error(["plan", str(ROOT / "configs" / "tiny.py"), "--target", "v5e:2x2", "mesh.data=8"], capsys)
+    assert "mesh:" in line and "4 devices" in line
+
+
+def test_plan_target_json_from_the_cli(tmp_path, data_dir):
+    r = run_cli("plan", ROOT / "configs" / "tiny.py", "--target", "v5e:2x2", "mesh.data=4", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    keys = {"target", "devices", "per_device", "hbm_bytes_per_device", "fits", "advice", "flops_per_step"}
+    assert keys <= set(report) and report["fits"] is True
+    assert {"argument_bytes", "temp_bytes", "output_bytes", "alias_bytes", "peak_bytes"} <= set(report["per_device"])
+    assert "TPU" not in r.stderr, r.stderr[-2000:]  # libtpu stays quiet on a host that is no TPU VM
+
+
+def test_target_without_libtpu_names_the_install_command(capsys, monkeypatch, data_dir):
+    monkeypatch.setitem(__import__("sys").modules, "libtpu", None)  # `import libtpu` now fails
+    line = one_line_error(["plan", str(ROOT / "configs" / "tiny.py"), "--target", "v5p-8"], capsys)
+    assert "needs libtpu" in line and "pip install 'jaxft[tpu]'" in line
+
+
+def test_unsupported_architecture_is_one_line(tmp_path, capsys, data_dir):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    args = ["plan", str(ROOT / "configs" / "tiny.py"), "--target", "v5e:2x2", f"model.source={tmp_path}"]
+    line = one_line_error(args, capsys)
+    assert "t5" in line, line
