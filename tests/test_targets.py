@@ -107,19 +107,40 @@ LLAMA_31_8B = {
 }
 
 
-def test_llama_8b_full_fine_tune_does_not_fit_a_v5litepod_4(tmp_path):
-    """From config.json alone (no weights): XLA stops the compile, and plan says by how much."""
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA_31_8B))
-    cfg = load_config(
-        ROOT / "configs" / "tiny.py",
-        [f"model.source={tmp_path}", "model.task=causal-lm", "train.batch_size=8", "data.max_length=1024"],
-    )
-    r = plan_target(cfg, "v5litepod-4", advise=False)
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory):
+    """Llama-3.1-8B's config.json and nothing else: plan reads no weights."""
+    folder = tmp_path_factory.mktemp("llama_8b")
+    (folder / "config.json").write_text(json.dumps(LLAMA_31_8B))
+    return folder
+
+
+# Rows of 256 tokens, 4 a step: the compiles stay well under a minute here; the verdicts are those of longer rows.
+SHORT_ROWS = ["train.batch_size=4", "data.max_length=256"]
+
+
+def test_llama_8b_full_fine_tune_does_not_fit_a_v5litepod_4_and_gets_checked_advice(llama_8b):
+    """XLA stops the full fine-tune's compile, plan says by how much, and plans again with changes until one
+    fits: all devices on fsdp, with remat and LoRA over a bf16 base."""
+    cfg = load_config(ROOT / "configs" / "tiny.py", [f"model.source={llama_8b}", "model.task=causal-lm", *SHORT_ROWS])
+    r = plan_target(cfg, "v5litepod-4")
     assert r["compiled"] is False and r["fits"] is False and r["margin_bytes"] < 0
     tallies = r["tallies_per_device"]
     assert tallies["params"] > 29 * 2**30  # 8.0e9 fp32 parameters, replicated over data=4
     assert r["per_device"]["argument_bytes"] >= tallies["params"] + tallies["optimizer"]
-    assert "does NOT fit" in render_target(r)
+    advice = r["advice"]
+    assert advice[0].startswith("mesh.data=1 mesh.fsdp=4 → ") and advice[0].endswith("does not fit")
+    assert advice[-1].endswith(", fits") and "lora.rank=16" in advice[-1] and "mesh.fsdp=4" in advice[-1]
+    assert all(", fits" not in a for a in advice[:-1])  # planning stops at the first change that fits
+    assert "does NOT fit" in render_target(r) and advice[-1] in render_target(r)
+
+
+def test_llama_8b_lora_fits_a_v5p_8(llama_8b):
+    overrides = [f"model.source={llama_8b}", *SHORT_ROWS]
+    r = plan_target(load_config(ROOT / "configs" / "llama_sft_lora.py", overrides), "v5p-8")
+    assert r["compiled"] and r["fits"] and r["devices"] == 4 and r["advice"] == []
+    assert 8 * 2**30 < r["per_device"]["peak_bytes"] < 95 * 2**30  # the bf16 base alone is 15 GiB, replicated
+    assert r["tallies_per_device"]["grads"] < 2**30  # adapters only
 
 
 def test_unknown_target_is_one_line_listing_valid_ones(capsys, data_dir):
