@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jaxft import checkpoint, models, setup
 from jaxft import mesh as mesh_lib
-from jaxft.config import Config, ConfigError, config_changes, from_dict, to_json
+from jaxft.config import Config, ConfigError, ModelConfig, config_changes, from_dict, to_json
 from jaxft.freeze import FreezePlan
 from jaxft.sharding import shardings_like
 from jaxft.state import TrainState
@@ -90,9 +90,15 @@ class ResumePoint:
 Restore = Callable[[int, dict[str, Any]], TrainState]
 
 
-def check_config_change(path: Path, saved: dict[str, Any], cfg: Config, allow: bool) -> None:
-    """A resume with a config that changes the result is an error, unless `allow` (--allow-config-change)."""
-    changes = config_changes(saved, cfg)
+def check_config_change(path: Path, saved: dict[str, Any], cfg: Config, allow: bool, mesh: Mesh | None = None) -> None:
+    """A resume with a config that changes the result is an error, unless `allow` (--allow-config-change).
+    On `mesh`, a model.compute_dtype that resolves to the same dtype ("auto" against a run saved with the dtype
+    it means there, e.g. "float32" on a CPU) is no change."""
+    changes = [
+        (k, old, new)
+        for k, old, new in config_changes(saved, cfg)
+        if not (k == "model.compute_dtype" and mesh is not None and _same_compute_dtype(old, new, mesh))
+    ]
     if not changes:
         return
     listed = ", ".join(f"{k} ({old!r} -> {new!r})" for k, old, new in changes)
@@ -102,6 +108,12 @@ def check_config_change(path: Path, saved: dict[str, Any], cfg: Config, allow: b
             "pass --allow-config-change to resume anyway"
         )
     log.warning("resuming with a changed config (--allow-config-change): %s", listed)
+
+
+def _same_compute_dtype(old: str, new: str, mesh: Mesh) -> bool:
+    return setup.compute_dtype(ModelConfig(compute_dtype=old), mesh) == setup.compute_dtype(
+        ModelConfig(compute_dtype=new), mesh
+    )
 
 
 def find_resume_point(
@@ -117,7 +129,7 @@ def find_resume_point(
             meta = checkpoint.read_meta(run_dir, step)
             data = checkpoint.read_data_state(run_dir, step)
             checkpoint.check_same_model(path, meta.get("family", "bert"), meta["spec"], skeleton.spec)
-            check_config_change(path, meta["config"], cfg, allow_change)
+            check_config_change(path, meta["config"], cfg, allow_change, skeleton.mesh)
             state = restore(step, meta)
         except checkpoint.CorruptCheckpointError as e:
             log.warning("skipping damaged checkpoint: %s", e)

@@ -144,6 +144,22 @@ def test_check_config_change_refuses_a_change_of_the_math(tmp_path):
     )
 
 
+def test_compute_dtype_auto_resumes_a_run_saved_with_the_dtype_it_means_here(tmp_path):
+    """A run saved before model.compute_dtype defaulted to "auto" recorded "float32"; on CPU devices "auto" is
+    float32, so it resumes; against "bfloat16" it is a change of the math."""
+    from jaxft.config import MeshConfig
+    from jaxft.mesh import build_mesh
+
+    mesh = build_mesh(MeshConfig())
+    saved = to_json(Config().derive(model={"compute_dtype": "float32"}))
+    run_dir.check_config_change(tmp_path, saved, Config(), allow=False, mesh=mesh)
+    with pytest.raises(ConfigError, match=r"model.compute_dtype \('float32' -> 'auto'\)"):
+        run_dir.check_config_change(tmp_path, saved, Config(), allow=False)  # no mesh: not resolved
+    bf16 = to_json(Config().derive(model={"compute_dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match=r"model.compute_dtype \('bfloat16' -> 'auto'\)"):
+        run_dir.check_config_change(tmp_path, bf16, Config(), allow=False, mesh=mesh)
+
+
 def test_check_config_change_allowed_warns(tmp_path, caplog):
     cfg = Config().derive(optim={"learning_rate": 1e-3})
     with caplog.at_level(logging.WARNING, logger="jaxft.run_dir"):
