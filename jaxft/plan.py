@@ -20,7 +20,6 @@ from jax.sharding import Mesh
 
 from jaxft import freeze, optim, setup, targets
 from jaxft import mesh as mesh_lib
-from jaxft import step as step_lib
 from jaxft.config import Config
 from jaxft.data import pipeline
 from jaxft.paths import path_str
@@ -131,20 +130,17 @@ def compile_train_step(parts: PlanParts) -> dict[str, Any]:
     graphdef = setup.configured_graphdef(parts.skeleton, cfg.model)
     step = setup.jit_train_step(graphdef, layout, parts.schedule, cfg, mesh)
     lowered = setup.lower_train_step(step, layout, cfg, mesh)
+    program = lowered.as_text()
     out = {"compute_dtype": str(setup.compute_dtype(cfg.model, mesh))}
-    out["attention"] = setup.attention_implementation(lowered.as_text())
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         needed = _out_of_memory(str(e))
         if needed is None:
             raise
-        abstract = (layout.abstract, step_lib.batch_shapes(cfg.model.task, cfg.train.batch_size, cfg.data.max_length))
-        shardings = (layout.shardings, jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), abstract[1]))
-        args = sum(
-            _shard_bytes(x.shape, x.dtype, sh.spec, mesh)
-            for x, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
-        )
+        abstract = jax.tree.leaves(setup.abstract_train_args(layout, cfg, mesh))
+        args = sum(_shard_bytes(x.shape, x.dtype, x.sharding.spec, mesh) for x in abstract)
+        out["attention"] = setup.attention_implementation(program)
         per_device = {"argument_bytes": args, "output_bytes": None, "alias_bytes": None, "temp_bytes": needed[0]}
         per_device["peak_bytes"] = args + needed[0]
         return {**out, "compiled": False, "per_device": per_device, "flops_per_step": None, "xla_hbm_bytes": needed[1]}
@@ -161,7 +157,7 @@ def compile_train_step(parts: PlanParts) -> dict[str, Any]:
     per_device["peak_bytes"] = (
         per_device["argument_bytes"] + per_device["output_bytes"] - per_device["alias_bytes"] + per_device["temp_bytes"]
     )
-    out["attention"] = setup.attention_implementation(lowered.as_text() + compiled.as_text())
+    out["attention"] = setup.attention_implementation(program + compiled.as_text())
     flops = float((cost or {}).get("flops", 0.0)) or None
     return {**out, "compiled": True, "per_device": per_device, "flops_per_step": flops, "xla_hbm_bytes": None}
 
@@ -215,16 +211,19 @@ def _plan_on(cfg: Config, target: targets.Target) -> dict[str, Any]:
     }
 
 
-def _candidates(cfg: Config, devices: int) -> list[tuple[str, dict[str, dict[str, Any]]]]:
-    """Changes that cut per-device memory, cheapest in speed first; each as (what a user types, derive kwargs)."""
+def _candidates(cfg: Config, mesh: dict[str, int]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Changes that cut per-device memory, cheapest in speed first; each as (what a user types, derive kwargs).
+    `mesh` is the planned mesh's axis sizes."""
     out: list[tuple[str, dict[str, dict[str, Any]]]] = []
-    if cfg.mesh.fsdp != devices and cfg.train.batch_size % devices == 0:
+    devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    dp = mesh["data"] * mesh["fsdp"]  # the rows a step splits over
+    if mesh["fsdp"] != devices and cfg.train.batch_size % devices == 0:
         out.append((f"mesh.data=1 mesh.fsdp={devices}", {"mesh": {"data": 1, "fsdp": devices, "tensor": 1}}))
+        dp = devices
     if cfg.model.remat == "none":
         out.append(("model.remat=full", {"model": {"remat": "full"}}))
-    dp = devices if out and out[0][0].startswith("mesh") else cfg.mesh.data * cfg.mesh.fsdp
     accum = cfg.train.grad_accum_steps * 4
-    if dp > 0 and cfg.train.batch_size % (accum * dp) == 0:
+    if cfg.train.batch_size % (accum * dp) == 0:
         out.append((f"train.grad_accum_steps={accum}", {"train": {"grad_accum_steps": accum}}))
     if cfg.model.task == "causal-lm" and cfg.lora.rank == 0:
         rules = [r.to_json() for r in freeze.train_adapters_only()]
@@ -241,7 +240,7 @@ def _advice(cfg: Config, target: targets.Target, report: dict[str, Any]) -> list
     """Each candidate alone, then all so far together, planned again until one fits; every line says what was
     measured. A candidate the config cannot take (a mesh that does not divide, say) is skipped."""
     advice, combined, labels = [], {}, []
-    for label, change in _candidates(cfg, len(target.devices)):
+    for label, change in _candidates(cfg, report["mesh"]):
         tries = [(label, change)]
         if combined:
             tries.append((" ".join([*labels, label]), _merge(combined, change)))

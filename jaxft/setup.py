@@ -355,16 +355,21 @@ def jit_train_step(
     )
 
 
-def lower_train_step(step: compile.CountingJit, layout: StateLayout, cfg: Config, mesh: Mesh) -> Any:
-    """The jitted step lowered for `layout`'s state and one global batch of cfg's shapes, from shapes alone. The
-    step's later calls on real arrays of these shapes and shardings reuse this trace."""
+def abstract_train_args(layout: StateLayout, cfg: Config, mesh: Mesh) -> tuple[TrainState, dict[str, Any]]:
+    """The train step's arguments as sharded ShapeDtypeStructs: `layout`'s state and one global batch of cfg's
+    shapes."""
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
     )
     batch_sharding = mesh_lib.batch_sharding(mesh)
     shapes = step_lib.batch_shapes(cfg.model.task, cfg.train.batch_size, cfg.data.max_length)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in shapes.items()}
-    return step.lower(state, batch)
+    return state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in shapes.items()}
+
+
+def lower_train_step(step: compile.CountingJit, layout: StateLayout, cfg: Config, mesh: Mesh) -> Any:
+    """The jitted step lowered from shapes alone (abstract_train_args). The step's later calls on real arrays of
+    these shapes and shardings reuse this trace."""
+    return step.lower(*abstract_train_args(layout, cfg, mesh))
 
 
 def attention_implementation(program: str) -> str:
