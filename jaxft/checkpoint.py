@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as policies
@@ -199,19 +198,6 @@ def _root_cause(e: BaseException) -> str:
     return f"{type(chain[0]).__name__}: {first}"[:300]
 
 
-def gather_process_states(local: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every process's iterator state (JSON), gathered so process 0's save holds them all."""
-    if jax.process_count() == 1:
-        return [local]
-    from jax.experimental import multihost_utils
-
-    raw = json.dumps(local).encode()
-    size = int(np.max(multihost_utils.process_allgather(np.asarray([len(raw)], np.int32))))
-    padded = np.frombuffer(raw.ljust(size, b" "), np.uint8)
-    rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(r).decode()) for r in np.asarray(rows)]
-
-
 # --------------------------------------------------------------------------------------- inspection
 
 
@@ -268,8 +254,11 @@ def read_data_state(run_dir: Path, step: int) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"{path}: corrupted data iterator state ({_root_cause(e)})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("process_states"), list):
-        raise CorruptCheckpointError(f"{path}: corrupted data iterator state (no process_states)")
+    # "iterator": the one, global data position; "process_states": one per process (runs saved before it)
+    if not isinstance(data, dict) or not (
+        isinstance(data.get("iterator"), dict) or isinstance(data.get("process_states"), list)
+    ):
+        raise CorruptCheckpointError(f"{path}: corrupted data iterator state (no iterator state)")
     return data
 
 

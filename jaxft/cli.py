@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from jaxft import hostmem, runtime
+from jaxft import distributed, hostmem, runtime
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -31,6 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.targets import TargetError
 
     return (
+        distributed.DistributedError,
         ConfigError,
         CheckpointError,
         ArchitectureError,
@@ -99,15 +101,6 @@ def _quiet_unraisable(info) -> None:
     if any("/orbax/" in f for f in files):
         return
     sys.__unraisablehook__(info)
-
-
-def _maybe_distributed() -> None:
-    """On a multi-host TPU slice (or with an explicit coordinator), join the other processes first."""
-    import jax
-
-    multi_host = os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
-    if multi_host:
-        jax.distributed.initialize()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -205,6 +198,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fingerprint(args: argparse.Namespace) -> dict:
+    """What must be the same on every process: the command, its options and (train) the resolved config."""
+    launch_keys = {"coordinator", "num_processes", "process_id", "local_device_ids", "init_timeout", "fn"}
+    fields = {k: v for k, v in vars(args).items() if k not in launch_keys}
+    if args.command == "train":
+        from jaxft.config import load_config
+
+        fields["config"] = dataclasses.asdict(load_config(args.config, args.overrides))
+        fields["run_dir"] = str(Path(args.run_dir or Path("runs") / Path(args.config).stem).resolve())
+    return fields
+
+
 def _add_step_args(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="a saved step (default: the latest)")
@@ -219,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="where metrics, checkpoints and run.json go; resumed if it has any")
     p.add_argument("--allow-config-change", action="store_true", help="resume even if the config changes the result")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("predict", help='label a JSONL file of {"text": ...} with a run\'s latest checkpoint')
     p.add_argument("run_dir")
@@ -226,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=32)
     _add_step_args(p)
+    distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_predict)
     p = sub.add_parser("eval", help="evaluate a saved checkpoint; writes RUN_DIR/eval-<step>.json")
     p.add_argument("run_dir")
     _add_step_args(p)
     p.add_argument("overrides", nargs="*", help="data.key=value (another split or files)")
+    distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face model folder")
     p.add_argument("run_dir")
@@ -242,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_mode.add_argument(
         "--adapter", action="store_true", help="LoRA runs: write a PEFT adapter folder for the pretrained model"
     )
+    distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("generate", help="complete prompts with a causal-lm run's checkpoint (kv-cached decoding)")
     p.add_argument("run_dir")
@@ -252,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens of mass P")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same text)")
     _add_step_args(p)
+    distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("plan", help="print parameters, shardings, freeze status and memory; builds nothing")
     p.add_argument("config")
@@ -284,12 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("host malloc: %s", hostmem.tune_malloc_for_xla_cpu())
     log.debug("%s", runtime.configure_compilation_cache())
     errors = _user_errors()
+    launch = None
     try:
-        if args.command == "train":
-            _maybe_distributed()
+        launch = distributed.resolve_launch(args) if hasattr(args, "peer_timeout") else None
+        if launch is not None:
+            distributed.join(launch, args.command)
+            distributed.check_same_command(_fingerprint(args))
         return args.fn(args)
     except errors as e:
         print(f"jaxft: error: {e}", file=sys.stderr)
+        if launch is not None:
+            distributed.leave_after_error()
         return 2
     except FileExistsError as e:
         print(f"jaxft: error: {e.filename or e}: already exists; refusing to overwrite", file=sys.stderr)

@@ -84,5 +84,8 @@ def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -
     fn = functools.partial(step_lib.predict_step, graphdef=graphdef)
     fields = ("input_ids", "attention_mask", "token_type_ids")
     return CountingJit(
-        fn, in_shardings=(param_shardings, batch_shardings(mesh, fields)), out_shardings=mesh_lib.batch_sharding(mesh)
+        # Replicated out: every process gets the whole batch's probabilities (a few KiB).
+        fn,
+        in_shardings=(param_shardings, batch_shardings(mesh, fields)),
+        out_shardings=replicated(mesh),
     )

@@ -40,14 +40,19 @@ def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def build_evaluate(
-    eval_step: Callable, host_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None, mesh: Any
+    eval_step: Callable,
+    host_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None,
+    mesh: Any,
+    rows: mesh_lib.BatchRows,
 ) -> Callable[[Any, Any], dict[str, float]]:
-    """evaluate(trainable, frozen) over every batch `host_batches()` yields; {} when there is no eval split."""
+    """evaluate(trainable, frozen) over every batch `host_batches()` yields (this process's `rows` of each);
+    {} when there is no eval split."""
 
     def evaluate(trainable: Any, frozen: Any) -> dict[str, float]:
         if host_batches is None:
             return {}
-        pending = [eval_step(trainable, frozen, mesh_lib.make_global_batch(b, mesh)) for b in host_batches()]
+        batches = host_batches()
+        pending = [eval_step(trainable, frozen, mesh_lib.make_global_batch(b, mesh, rows)) for b in batches]
         totals: dict[str, Any] = {}
         for stats in jax.device_get(pending):  # one transfer after all batches are queued
             for k, v in stats.items():
@@ -57,14 +62,14 @@ def build_evaluate(
     return evaluate
 
 
-def classification_batches(source: Any, encoder: pipeline.Encoder, batch_size: int):
+def classification_batches(source: Any, encoder: pipeline.Encoder, rows: mesh_lib.BatchRows):
     """host_batches for build_evaluate over a classification eval split, or None without one."""
     if source is None:
         return None
-    return lambda: pipeline.iter_eval_batches(source, encoder, batch_size)
+    return lambda: pipeline.iter_eval_batches(source, encoder, rows)
 
 
-def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: int):
+def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_lib.BatchRows):
     """A classification run's eval batches, with the run's label set."""
     sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
     if sources.eval is None:
@@ -73,10 +78,10 @@ def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: i
         raise pipeline.DataError(
             f"data: labels {list(sources.label_names)} differ from the run's {meta['label_names']}"
         )
-    return classification_batches(sources.eval, pipeline.Encoder(folder, cfg.data.max_length, sources), batch_size)
+    return classification_batches(sources.eval, pipeline.Encoder(folder, cfg.data.max_length, sources), rows)
 
 
-def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: int):
+def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_lib.BatchRows):
     """A causal-LM run's eval batches (one example per row), tokenized as in training."""
     from jaxft.data import lm
 
@@ -84,7 +89,7 @@ def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, batch_size: int):
     if sources.eval is None:
         raise pipeline.DataError("data.eval_files: this causal-lm run has no eval files; name some")
     encoder = lm.LMEncoder(folder, cfg.data, int(meta["spec"]["vocab_size"]))
-    return lambda: lm.iter_lm_eval_batches(sources.eval, encoder, batch_size, cfg.data.max_length)
+    return lambda: lm.iter_lm_eval_batches(sources.eval, encoder, rows, cfg.data.max_length)
 
 
 def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[str, Any], Path]:
@@ -99,10 +104,10 @@ def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[
     if cfg.model.task == "causal-lm":  # the run's LM-head chunking: a big vocabulary's logits fit as in training
         graphdef = nnx.split(nnx.merge(graphdef, params).configure(logits_chunk=cfg.model.logits_chunk))[0]
     dp = mesh_lib.data_parallel_size(mesh)
-    batch_size = -(-cfg.train.eval_batch_size // dp) * dp
+    rows = mesh_lib.batch_rows(mesh, -(-cfg.train.eval_batch_size // dp) * dp)
     folder = Path(meta["source"]["path"])
-    batches = (lm_batches if cfg.model.task == "causal-lm" else labelled_batches)(cfg, meta, folder, batch_size)
-    evaluate = build_evaluate(compile.jit_eval_step(graphdef, mesh, cfg.model.task), batches, mesh)
+    batches = (lm_batches if cfg.model.task == "causal-lm" else labelled_batches)(cfg, meta, folder, rows)
+    evaluate = build_evaluate(compile.jit_eval_step(graphdef, mesh, cfg.model.task), batches, mesh, rows)
     metrics = evaluate(params, type(params)({}))  # all parameters as one partition: eval has no split
     record = {"step": step, "dataset": cfg.data.dataset, "split": cfg.data.eval_split, **metrics}
     out = Path(run_dir) / f"eval-{step}.json"

@@ -169,17 +169,29 @@ def generate(
         ids_BxP[b, start_B[b] :] = p
     eos_E = np.asarray(sorted(set(eos_ids)), np.int32)
     knobs = (np.float32(max(sampling.temperature, 1e-6)), np.float32(sampling.top_p))
-    inputs = (ids_BxP, start_B, jax.random.key(seed), eos_E, knobs)
-    if mesh is not None:  # replicated over the run's mesh, beside the sharded parameters
+    inputs = (ids_BxP, start_B, np.asarray(jax.random.key_data(jax.random.key(seed))), eos_E, knobs)
+    if mesh is not None:  # replicated over the run's mesh (every process's devices), beside the parameters
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        inputs = jax.device_put(inputs, replicated)
-    ids, start, key, eos, knobs = inputs
+        inputs = jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), replicated, lambda i: x[i]), inputs)
+    ids, start, key_data, eos, knobs = inputs
+    key = jax.random.wrap_key_data(key_data)
     picker, length = _Picker.of(sampling), longest + max_new_tokens - 1
     first_B, cache = _prefill(graphdef, params, ids, start, key, *knobs, length=length, picker=picker)
     tokens_BxN = _decode_loop(
         graphdef, params, first_B, cache, start, key, eos, *knobs, max_new_tokens=max_new_tokens, picker=picker
     )
-    return [_until_eos(row, set(eos_ids)) for row in np.asarray(jax.device_get(tokens_BxN))]
+    return [_until_eos(row, set(eos_ids)) for row in _to_host(tokens_BxN)]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (with several processes, each must call it)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _until_eos(row: np.ndarray, eos: set[int]) -> list[int]:
@@ -311,7 +323,7 @@ def with_samples(
         metrics = evaluate(state)
         params = nnx.merge_state(state.trainable, state.frozen)
         completions = generate((graphdef, params), ids, new_tokens, eos_ids=eos, mesh=mesh)
-        step = int(jax.device_get(state.step))
+        step = int(_to_host(state.step))
         lines = []
         for prompt, tokens in zip(prompts, completions):
             text = encoder.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -5,6 +5,7 @@ Owns device layout only; which parameter goes where is sharding.py's job.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -70,7 +71,45 @@ def check_batch(global_batch: int, mesh: Mesh, what: str = "train.batch_size", m
         raise MeshError(f"{what}: {global_batch} is not divisible by the {jax.process_count()} processes")
 
 
-def make_global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Each process passes its rows; the result is one global array per field, sharded over batch axes."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+@dataclasses.dataclass(frozen=True)
+class BatchRows:
+    """Which rows of a global batch this process supplies. A row's place in the global batch (and so its
+    dropout mask and its microbatch) is its global index, whatever the process count or the mesh."""
+
+    size: int  # the global batch's rows
+    mine: np.ndarray  # the global indices of this process's rows, ascending
+
+    def __len__(self) -> int:
+        return len(self.mine)
+
+
+def batch_rows(mesh: Mesh, global_batch: int) -> BatchRows:
+    """The rows of a `global_batch`-row batch that this process's devices hold."""
+    mine: set[int] = set()
+    for index in batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values():
+        mine.update(range(*index[0].indices(global_batch)))
+    return BatchRows(global_batch, np.asarray(sorted(mine), np.int64))
+
+
+def make_global_batch(local: dict[str, np.ndarray], mesh: Mesh, rows: BatchRows | None = None) -> dict[str, jax.Array]:
+    """One global array per field, sharded over the batch axes, from this process's rows of it (`rows.mine`,
+    in that order). Without `rows`, one process passes the whole batch."""
+    if rows is None:
+        if jax.process_count() > 1:
+            raise MeshError("make_global_batch: several processes must say which global rows they pass")
+        rows = batch_rows(mesh, len(next(iter(local.values()))))
+    return {k: _from_rows(v, rows, mesh) for k, v in local.items()}
+
+
+def _from_rows(local: np.ndarray, rows: BatchRows, mesh: Mesh) -> jax.Array:
+    if len(local) != len(rows):
+        raise MeshError(f"batch: {len(local)} local rows for {len(rows)} global row indices")
+    start = int(rows.mine[0]) if len(rows) else 0
+    contiguous = len(rows) and int(rows.mine[-1]) - start + 1 == len(rows)
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        lo, hi, _ = index[0].indices(rows.size)
+        picked = local[lo - start : hi - start] if contiguous else local[np.searchsorted(rows.mine, np.arange(lo, hi))]
+        return picked[(slice(None),) + tuple(index[1:])]
+
+    return jax.make_array_from_callback((rows.size,) + local.shape[1:], batch_sharding(mesh), shard)

@@ -39,15 +39,14 @@ def predict_file(
     tokenizer = AutoTokenizer.from_pretrained(meta["source"]["path"])
     max_length = meta["config"]["data"]["max_length"]
     dp = mesh_lib.data_parallel_size(mesh)
-    batch_size = -(-batch_size // dp) * dp
+    rows = mesh_lib.batch_rows(mesh, -(-batch_size // dp) * dp)  # this process tokenizes its rows of each batch
     fn = compile.jit_predict_step(run.graphdef, jax.tree.map(lambda x: x.sharding, params), mesh)
     labels = meta["label_names"]
     token_level = meta["spec"]["task"] == "token-classification"
     outputs = []
-    for start in range(0, len(records), batch_size):
-        texts = [r["text"] for r in records[start : start + batch_size]]
-        pad = batch_size - len(texts)
-        inputs = [t.split() or [""] for t in texts + [""] * pad] if token_level else texts + [""] * pad
+    for start in range(0, len(records), rows.size):
+        texts = [records[i]["text"] if i < len(records) else "" for i in start + rows.mine]
+        inputs = [t.split() or [""] for t in texts] if token_level else texts
         enc = tokenizer(
             inputs,
             padding="max_length",
@@ -58,18 +57,29 @@ def predict_file(
             is_split_into_words=token_level,
         )
         batch = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        probs = np.asarray(jax.device_get(fn(params, mesh_lib.make_global_batch(batch, mesh))))
-        for i in range(len(texts)):
-            outputs.append(
-                _word_outputs(enc.word_ids(i), probs[i], labels) if token_level else _output(probs[i], labels)
-            )
+        probs = np.asarray(jax.device_get(fn(params, mesh_lib.make_global_batch(batch, mesh, rows))))
+        # Every process holds the whole batch's probabilities; a token task's words come from the tokenizer.
+        words = _all_word_ids(tokenizer, records, start, rows.size, max_length) if token_level else None
+        for i in range(min(rows.size, len(records) - start)):
+            outputs.append(_word_outputs(words[i], probs[i], labels) if token_level else _output(probs[i], labels))
+    if jax.process_index() == 0:
+        _write_atomically(output_path, records, outputs)
+    return len(records)
+
+
+def _all_word_ids(tokenizer, records: list[dict], start: int, size: int, max_length: int) -> list[list[int | None]]:
+    words = [r["text"].split() or [""] for r in records[start : start + size]]
+    enc = tokenizer(words, truncation=True, max_length=max_length, is_split_into_words=True)
+    return [enc.word_ids(i) for i in range(len(words))]
+
+
+def _write_atomically(output_path: Path, records: list[dict], outputs: list[dict]) -> None:
     output_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         for r, out in zip(records, outputs):
             f.write(json.dumps({**r, **out}) + "\n")
     os.replace(tmp, output_path)
-    return len(records)
 
 
 def _output(probs: np.ndarray, labels: list[str]) -> dict:

@@ -153,10 +153,10 @@ def _report_resume(
     again)."""
     if meta.get("source", {}).get("files") != skeleton.source.get("files"):
         log.warning("the pretrained files at %s changed since this run started", skeleton.folder)
-    if len(data["process_states"]) != jax.process_count():
+    if len(data.get("process_states", [])) > 1:
         log.warning(
-            "resuming on %d processes; the checkpoint was saved by %d, so the data order from here on differs",
-            jax.process_count(),
+            "this checkpoint was saved by an older jaxft on %d processes, whose data order depended on the "
+            "process count; the data order from here on differs from the uninterrupted run's",
             len(data["process_states"]),
         )
     for bad in damaged:
@@ -168,11 +168,10 @@ def _report_resume(
         multihost_utils.sync_global_devices("jaxft: damaged checkpoints moved")
 
 
-def process_data_state(data: dict[str, Any]) -> dict[str, Any]:
-    """This process's data iterator state from a checkpoint's gathered ones (process 0's when the process count
-    changed)."""
-    states = data["process_states"]
-    return states[jax.process_index()] if len(states) == jax.process_count() else states[0]
+def data_iterator_state(data: dict[str, Any]) -> dict[str, Any]:
+    """The train data's iterator state in a checkpoint: one global position, the same on every process (a run
+    saved by an older jaxft kept one per process: the first is taken)."""
+    return data["iterator"] if "iterator" in data else data["process_states"][0]
 
 
 # ----------------------------------------------------------------------------------------------- restore

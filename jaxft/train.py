@@ -58,10 +58,10 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     resume = run_dir_lib.find_resume_point(run_dir, cfg, skeleton, restore, allow_config_change)
     phase, state = start_state(cfg, skeleton, phases, layout_of, resume)
     start_step = resume.step if resume else 0
-    data.open(skeleton.folder, skeleton.spec.vocab_size)
+    data.open(skeleton.folder, skeleton.spec.vocab_size, mesh)
     data_iter = iter(data.train_dataset)
     if resume:
-        data_iter.set_state(run_dir_lib.process_data_state(resume.data))
+        data_iter.set_state(run_dir_lib.data_iterator_state(resume.data))
     graphdef = setup.configured_graphdef(skeleton, cfg.model)
     step_of = functools.cache(lambda paths: setup.jit_train_step(graphdef, layout_of(paths), schedule, cfg, mesh))
     meta = run_dir_lib.run_metadata(cfg, plan, skeleton, data.label_names, phase.trainable_paths, data.prompt_kind)
@@ -73,12 +73,12 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     saver, writer = checkpoint.Saver(run_dir, cfg.checkpoint), metrics_lib.MetricsWriter(run_dir)
 
     def save(s: TrainState, metrics: dict[str, float] | None) -> None:
-        data_state = {"process_states": checkpoint.gather_process_states(data_iter.get_state())}
-        data_state["skipped_steps"] = nonfinite.skipped
+        # Global batches make the iterator state the same on every process: it is stored once.
+        data_state = {"iterator": data_iter.get_state(), "skipped_steps": nonfinite.skipped}
         saver.save(s, data_state, {**meta, "trainable_paths": trainable_paths(s)}, metrics)
 
     hooks = loop.LoopHooks(
-        next_batch=lambda: mesh_lib.make_global_batch(next(data_iter), mesh),
+        next_batch=lambda: mesh_lib.make_global_batch(next(data_iter), mesh, data.train_rows),
         phase_at=phases.phase_at,
         build_step=functools.partial(build_phase_step, step_of, layout_of),
         evaluate=build_run_evaluate(cfg, skeleton, graphdef, data, run_dir, mesh),
@@ -158,7 +158,7 @@ def build_run_evaluate(
 ) -> Callable[[TrainState], dict[str, float]]:
     """The eval of a state over the eval split, plus (causal LMs with data.sample_prompts) greedy samples."""
     evaluate = evaluate_lib.build_evaluate(
-        compile.jit_eval_step(graphdef, mesh, cfg.model.task), data.eval_batches, mesh
+        compile.jit_eval_step(graphdef, mesh, cfg.model.task), data.eval_batches, mesh, data.eval_rows
     )
     return generate_lib.with_samples(
         lambda s: evaluate(s.trainable, s.frozen),

@@ -76,10 +76,6 @@ def test_best_mode(metric, mode, want):
     assert checkpoint.best_mode(CheckpointConfig(keep_best_metric=metric, keep_best_mode=mode)) == want
 
 
-def test_gather_process_states_on_one_process():
-    assert checkpoint.gather_process_states({"pos": 3}) == [{"pos": 3}]
-
-
 def test_check_same_model():
     spec = models.BertSpec(hidden_size=16, num_layers=1)
     saved = json.loads(json.dumps(dataclasses.asdict(spec)))
@@ -223,7 +219,11 @@ def test_read_meta_of_a_damaged_file(run, content, message):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("[1, 2", "corrupted data iterator state ("), ('{"process_states": 3}', "(no process_states)")],
+    [
+        ("[1, 2", "corrupted data iterator state ("),
+        ('{"process_states": 3}', "(no iterator state)"),
+        ('{"iterator": []}', "(no iterator state)"),
+    ],
 )
 def test_read_data_state_of_a_damaged_file(run, content, message):
     path = checkpoint.checkpoint_dir(run) / "1" / "data" / "metadata"

@@ -9,6 +9,7 @@ import pytest
 from jaxft.config import DataConfig
 from jaxft.data import lm
 from jaxft.data.builders import DataError
+from jaxft.mesh import BatchRows
 from tests.fixtures import CHATML, WORDS, save_tokenizer
 
 
@@ -185,7 +186,7 @@ def test_truncation_modes(tmp_path, data_dir, chatml_tok):
         next(iter(lm.build_lm_train_dataset(src.train, drop_all, 2, seed=0, max_length=4, packing=True)))
 
 
-def test_eval_batches_cover_every_example_once_with_equal_counts(tmp_path, data_dir, chatml_tok, monkeypatch):
+def test_eval_batches_cover_every_example_once_with_equal_counts(tmp_path, data_dir, chatml_tok):
     train = _jsonl(tmp_path / "tr.jsonl", _sft_rows(4))
     evalf = _jsonl(tmp_path / "ev.jsonl", _sft_rows(7))
     cfg = DataConfig(dataset="files", train_files=(str(train),), eval_files=(str(evalf),), max_length=32)
@@ -200,12 +201,13 @@ def test_eval_batches_cover_every_example_once_with_equal_counts(tmp_path, data_
     last = batches[-1]
     assert not last["input_ids"][3].any() and not last["loss_mask"][3].any() and not last["segment_ids"][3].any()
     per_rank = []
-    for rank in range(2):  # two processes: same number of batches, disjoint rows covering everything
-        monkeypatch.setattr(lm.jax, "process_count", lambda: 2)
-        monkeypatch.setattr(lm.jax, "process_index", lambda r=rank: r)
-        per_rank.append(list(lm.iter_lm_eval_batches(src.eval, enc, 4, 32)))
+    for mine in ([0, 1], [2, 3]):  # two processes: same number of batches, each its rows of the global ones
+        per_rank.append(list(lm.iter_lm_eval_batches(src.eval, enc, BatchRows(4, np.asarray(mine)), 32)))
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     assert sum(int((b["segment_ids"].max(axis=1) > 0).sum()) for p in per_rank for b in p) == 7
+    for b in range(2):
+        joined = np.concatenate([per_rank[0][b]["input_ids"], per_rank[1][b]["input_ids"]])
+        np.testing.assert_array_equal(joined, batches[b]["input_ids"])
 
 
 def test_bad_records_name_file_and_line(tmp_path, data_dir):
@@ -244,18 +246,25 @@ def test_bad_tokenizer_and_template(tmp_path, chatml_tok):
         enc.encode(record)
 
 
-def test_each_process_reads_its_own_slice(tmp_path, data_dir, chatml_tok, monkeypatch):
+@pytest.mark.parametrize("packing", [False, True])
+def test_each_process_reads_its_rows_of_the_same_global_batches(tmp_path, data_dir, chatml_tok, packing):
     train = _jsonl(tmp_path / "procs.jsonl", _sft_rows(12))
     cfg = _cfg(train, max_length=32)
     src = lm.open_lm_sources(cfg, need_eval=False)
     enc = lm.LMEncoder(chatml_tok, cfg, 100)
+    whole = iter(lm.build_lm_train_dataset(src.train, enc, 4, seed=1, max_length=32, packing=packing))
+    expected = [next(whole) for _ in range(3)]
     per_rank = []
-    for rank in range(2):
-        monkeypatch.setattr(lm.jax, "process_count", lambda: 2)
-        monkeypatch.setattr(lm.jax, "process_index", lambda r=rank: r)
-        it = iter(lm.build_lm_train_dataset(src.train, enc, 4, seed=1, max_length=32, packing=False))
-        batches = [next(it) for _ in range(3)]  # 2 rows per process per step; 3 steps = one epoch in all
-        assert batches[0]["input_ids"].shape == (2, 32)
-        per_rank.append(_tokens(batches))
-    everything = sorted(tuple(enc.encode(src.train[i])["input_ids"].tolist()) for i in range(12))
-    assert sorted(per_rank[0] + per_rank[1]) == everything
+    for mine in ([0, 1], [2, 3]):
+        rows = BatchRows(4, np.asarray(mine))
+        it = iter(lm.build_lm_train_dataset(src.train, enc, rows, seed=1, max_length=32, packing=packing))
+        per_rank.append([next(it) for _ in range(3)])
+        assert per_rank[-1][0]["input_ids"].shape == (2, 32)
+        assert it.get_state() == whole.get_state()  # one global position, whatever the process
+    for step in range(3):
+        for k in expected[step]:
+            joined = np.concatenate([per_rank[0][step][k], per_rank[1][step][k]])
+            np.testing.assert_array_equal(joined, expected[step][k])
+    if not packing:  # 3 steps of 4 rows: one epoch, every example once
+        everything = sorted(tuple(enc.encode(src.train[i])["input_ids"].tolist()) for i in range(12))
+        assert sorted(_tokens(expected)) == everything

@@ -8,6 +8,7 @@ import pytest
 from jaxft.config import DataConfig
 from jaxft.data import pipeline
 from jaxft.data.builders import DataError
+from jaxft.mesh import BatchRows
 
 
 def _write_jsonl(path, rows):
@@ -101,6 +102,30 @@ def test_grain_iterator_is_seeded_reshuffles_and_resumes_from_state(tmp_path, da
     it3 = iter(pipeline.build_train_dataset(src.train, enc, 5, seed=7))
     it3.set_state(state)
     np.testing.assert_array_equal(next(it3)["input_ids"], expected)
+
+
+def test_processes_read_their_rows_of_the_same_global_batches(tmp_path, data_dir, minilm):
+    train = _write_jsonl(tmp_path / "p.jsonl", [{"text": f"t{i}", "label": "a"} for i in range(10)])
+    src = pipeline.open_sources(DataConfig(dataset="files", train_files=(str(train),), eval_files=(str(train),)))
+    enc = pipeline.Encoder(minilm, 8, src)
+    whole = iter(pipeline.build_train_dataset(src.train, enc, 4, seed=7))
+    expected = [next(whole)["input_ids"] for _ in range(3)]
+    parts = [BatchRows(4, np.asarray([0, 3])), BatchRows(4, np.asarray([1, 2]))]  # rows need not be contiguous
+    for rows in parts:
+        it = iter(pipeline.build_train_dataset(src.train, enc, rows, seed=7))
+        for step in range(3):
+            np.testing.assert_array_equal(next(it)["input_ids"], expected[step][rows.mine])
+        assert it.get_state() == whole.get_state()
+    evals = [list(pipeline.iter_eval_batches(src.eval, enc, rows)) for rows in parts]
+    full = list(pipeline.iter_eval_batches(src.eval, enc, 4))
+    assert len(evals[0]) == len(evals[1]) == len(full) == 3
+    for b in range(3):
+        for part, mine in zip(evals, ([0, 3], [1, 2])):
+            weights = full[b]["weights"][mine]
+            np.testing.assert_array_equal(part[b]["weights"], weights)
+            for k in full[b]:  # a weight-0 padding row's contents do not count
+                np.testing.assert_array_equal(part[b][k][weights > 0], full[b][k][mine][weights > 0])
+    assert full[2]["weights"].tolist() == [1, 1, 0, 0]
 
 
 def test_batch_larger_than_dataset_is_an_error(tmp_path, data_dir, minilm):

@@ -233,7 +233,7 @@ def test_resumes_from_the_newest_checkpoint(run, skeleton, meta):
         data={"process_states": [{"position": 2}], "skipped_steps": 1},
     )
     assert restore.calls == [(2, {**meta, checkpoint.FROZEN_SAVED: True})]
-    assert run_dir.process_data_state(point.data) == {"position": 2}
+    assert run_dir.data_iterator_state(point.data) == {"position": 2}
     assert not (run / "damaged_checkpoints").exists()
 
 
@@ -293,9 +293,10 @@ def test_a_checkpoint_of_another_model_is_an_error_not_a_skip(run):
     )
 
 
-def test_process_data_state_falls_back_to_process_0_when_the_count_changed():
-    assert run_dir.process_data_state({"process_states": [{"p": 0}]}) == {"p": 0}
-    assert run_dir.process_data_state({"process_states": [{"p": 0}, {"p": 1}]}) == {"p": 0}
+def test_the_data_iterator_state_is_global_and_older_per_process_ones_still_read():
+    assert run_dir.data_iterator_state({"iterator": {"p": 5}}) == {"p": 5}
+    assert run_dir.data_iterator_state({"process_states": [{"p": 0}]}) == {"p": 0}
+    assert run_dir.data_iterator_state({"process_states": [{"p": 0}, {"p": 1}]}) == {"p": 0}
 
 
 # ---------------------------------------------------------------------------------------------- restore

@@ -9,7 +9,7 @@ usage() {
 Usage: launch.sh [flags] [-- OVERRIDE...]
 
 Run `jaxft train CONFIG --run-dir RUN_DIR [OVERRIDE...]` on all workers at once
-(--worker=all). On a pod slice jaxft calls jax.distributed.initialize() itself,
+(--worker=all). On a pod slice jaxft joins the workers itself (JAX cluster detection),
 so every worker runs the identical command. Arguments after `--` are passed to
 jaxft as key=value overrides. Each worker also logs to ~/jaxft-RUN.log. The run
 stops if the ssh session ends; run this from tmux/screen for long jobs.

@@ -13,12 +13,11 @@ from typing import Any
 
 import grain
 import grain.experimental as grain_exp
-import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxft.config import DataConfig
-from jaxft.data import builders, pipeline
+from jaxft.data import builders, pipeline, selected_rows
 from jaxft.data.builders import DataError
 from jaxft.data.pipeline import as_text  # tfds hands text back as bytes
 
@@ -380,43 +379,43 @@ def _from_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def build_lm_train_dataset(
-    source: Any, encoder: LMEncoder, global_batch: int, seed: int, max_length: int, packing: bool
+    source: Any, encoder: LMEncoder, rows: Any, seed: int, max_length: int, packing: bool
 ) -> grain.IterDataset:
-    """Infinite, seeded, reshuffled every epoch; each process reads its own slice; rows packed or padded.
+    """Infinite, seeded, reshuffled every epoch; rows packed or padded; element s is global batch s
+    (`rows.size` rows, a mesh.BatchRows) of which this process keeps its rows (`rows.mine`).
 
-    Packing is first-fit (an example is never split across rows); iter() of the result is checkpointable.
+    Every process reads, tokenizes and packs the whole global batch, so the batches and the iterator state do
+    not depend on the process count. Packing is first-fit (an example is never split across rows); iter() of
+    the result is checkpointable.
     """
     if max_length < encoder.max_length:
         raise DataError(f"max_length={max_length} is shorter than the encoder's data.max_length={encoder.max_length}")
-    procs = jax.process_count()
-    per_process = global_batch // procs
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    ds = ds[jax.process_index() :: procs].to_iter_dataset()
-    rows = grain_exp.FlatMapIterDataset(ds, _EncodeRows(encoder, len(source)))
+    size, mine = selected_rows(rows)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).to_iter_dataset()
+    examples = grain_exp.FlatMapIterDataset(ds, _EncodeRows(encoder, len(source)))
     if packing:
         lengths = {"input_ids": max_length, "loss_mask": max_length}
-        rows = grain_exp.FirstFitPackIterDataset(
-            rows, length_struct=lengths, num_packing_bins=per_process, shuffle_bins=False
+        examples = grain_exp.FirstFitPackIterDataset(
+            examples, length_struct=lengths, num_packing_bins=size, shuffle_bins=False
         ).map(_from_packed)
     else:
-        rows = rows.map(lambda example: pad_row(example, max_length))
-    return rows.batch(per_process, drop_remainder=True)
+        examples = examples.map(lambda example: pad_row(example, max_length))
+    return examples.batch(size, drop_remainder=True).map(lambda batch: {k: v[mine] for k, v in batch.items()})
 
 
 def iter_lm_eval_batches(
-    source: Any, encoder: LMEncoder, global_batch: int, max_length: int
+    source: Any, encoder: LMEncoder, rows: Any, max_length: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once, in order, one per row; the last batch is padded with all-zero rows.
+    """Every eval example exactly once, in order, one per row, `rows.size` per global batch, this process's rows
+    of each; rows past the end are all-zero.
 
     Every process encodes the whole (small) eval set, so all agree on the batch count without a collective and
     stay in lockstep (as pipeline.iter_eval_batches does).
     """
-    procs, rank = jax.process_count(), jax.process_index()
-    per_process = global_batch // procs
-    rows = [pad_row(r, max_length) for i in range(len(source)) for r in encoder.encode_rows(source[i])]
-    mine = rows[rank::procs]
+    encoded = [pad_row(r, max_length) for i in range(len(source)) for r in encoder.encode_rows(source[i])]
     blank = pad_row({"input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.float32)}, max_length)
-    for b in range(-(-len(rows) // global_batch)):
-        batch = mine[b * per_process : (b + 1) * per_process]
-        batch += [blank] * (per_process - len(batch))
+    size, mine = selected_rows(rows)
+    for b in range(-(-len(encoded) // size)):
+        index = [b * size + r for r in mine]
+        batch = [encoded[i] if i < len(encoded) else blank for i in index]
         yield {k: np.stack([r[k] for r in batch]) for k in blank}

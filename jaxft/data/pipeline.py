@@ -1,5 +1,5 @@
-"""Sources → grain pipelines → per-process numpy batches: seeded shuffle, repeat, process sharding,
-batching and tokenization with the checkpoint's own tokenizer. Iterator state is checkpointable.
+"""Sources → grain pipelines → per-process numpy batches: seeded shuffle, repeat, global batches of which
+each process takes its rows, and tokenization with the checkpoint's own tokenizer. Iterator state is checkpointable.
 
 Turning host batches into global jax.Arrays is mesh.make_global_batch's job.
 """
@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 
 from jaxft.config import DataConfig
-from jaxft.data import IGNORE_LABEL, builders
+from jaxft.data import IGNORE_LABEL, builders, selected_rows
 from jaxft.data.builders import DataError
 
 
@@ -146,35 +145,29 @@ def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def build_train_dataset(source: Any, encoder: Encoder, global_batch: int, seed: int) -> grain.MapDataset:
-    """Infinite, seeded, reshuffled every epoch; each process reads its own slice and batch rows."""
-    if len(source) < global_batch:
-        raise DataError(f"train.batch_size: {global_batch} is larger than the {len(source)} training examples")
-    per_process = global_batch // jax.process_count()
+def build_train_dataset(source: Any, encoder: Encoder, rows: Any, seed: int) -> grain.MapDataset:
+    """Infinite, seeded, reshuffled every epoch. Element s is global batch s, of which this process reads and
+    tokenizes only its rows (`rows.mine` of `rows.size`, a mesh.BatchRows): the batches, and so the iterator
+    state, are the same whatever the process count."""
+    size, mine = selected_rows(rows)
+    if len(source) < size:
+        raise DataError(f"train.batch_size: {size} is larger than the {len(source)} training examples")
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    ds = ds[jax.process_index() :: jax.process_count()]
-    return ds.batch(per_process, drop_remainder=True, batch_fn=encoder)
+    return ds.batch(size, drop_remainder=True, batch_fn=lambda records: encoder([records[i] for i in mine]))
 
 
-def iter_eval_batches(source: Any, encoder: Encoder, global_batch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once, in order; the last batch is padded with weight-0 rows.
-
-    Every process yields the same number of batches so collective steps stay in lockstep.
-    """
-    n, procs, rank = len(source), jax.process_count(), jax.process_index()
-    per_process = global_batch // procs
-    num_batches = -(-n // global_batch)
-    mine = list(range(rank, n, procs))
-    for b in range(num_batches):
-        idx = mine[b * per_process : (b + 1) * per_process]
-        records = [source[i] for i in idx]
-        pad = per_process - len(records)
-        if not records:
-            records, pad = [source[0]], per_process - 1
-            batch = encoder(records)
+def iter_eval_batches(source: Any, encoder: Encoder, rows: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example exactly once, in order, `rows.size` per global batch, this process's rows of each;
+    rows past the end are weight-0 copies. Every process yields the same number of batches, so collective
+    steps stay in lockstep."""
+    n, (size, mine) = len(source), selected_rows(rows)
+    for b in range(-(-n // size)):
+        index = [b * size + r for r in mine]
+        real = [i for i in index if i < n]
+        batch = encoder([source[i] for i in real or [0]])
+        if not real:
             batch["weights"][:] = 0.0
-        else:
-            batch = encoder(records)
+        pad = len(index) - len(real) if real else len(index) - 1
         if pad:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
             batch["weights"][-pad:] = 0.0

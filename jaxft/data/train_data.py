@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxft import mesh as mesh_lib
 from jaxft.config import Config
 from jaxft.data import lm, pipeline
 
@@ -32,12 +34,16 @@ class TrainData:
             self.label_names = self.sources.label_names
         self.train_dataset: Any = None
         self.eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]] | None = None
+        self.eval_rows: mesh_lib.BatchRows | None = None  # this process's rows of each eval batch
         self.encoder: Any = None
 
-    def open(self, folder: Path, vocab_size: int) -> None:
-        """Tokenizes with the pretrained folder's tokenizer (a causal LM's ids must fit `vocab_size`)."""
-        cfg, data, batch = self.cfg, self.cfg.data, self.cfg.train.batch_size
-        eval_source, eval_batch = self.sources.eval, cfg.train.eval_batch_size
+    def open(self, folder: Path, vocab_size: int, mesh: Mesh) -> None:
+        """Tokenizes with the pretrained folder's tokenizer (a causal LM's ids must fit `vocab_size`); each
+        process reads its rows of every global batch over `mesh`."""
+        cfg, data = self.cfg, self.cfg.data
+        batch = mesh_lib.batch_rows(mesh, cfg.train.batch_size)
+        eval_source, eval_batch = self.sources.eval, mesh_lib.batch_rows(mesh, cfg.train.eval_batch_size)
+        self.train_rows, self.eval_rows = batch, eval_batch
         if self.lm:
             self.encoder = lm.LMEncoder(folder, data, vocab_size)
             self.train_dataset = lm.build_lm_train_dataset(
