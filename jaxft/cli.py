@@ -26,6 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from jaxft.load import CheckpointError
     from jaxft.loop import NonFiniteError
     from jaxft.mesh import MeshError
+    from jaxft.metrics import MetricsError
     from jaxft.models.hf_layout import ArchitectureError
     from jaxft.paths import RuleError
     from jaxft.sharding import ShardingError
@@ -38,6 +39,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ArchitectureError,
         DataError,
         MeshError,
+        MetricsError,
         ShardingError,
         TargetError,
         RuleError,
@@ -110,6 +112,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
     result = train(cfg, run_dir, allow_config_change=args.allow_config_change)
+    if result.stopped_by.startswith("stopped early"):
+        print(f"{result.stopped_by}; the best checkpoint is kept (jaxft export --best)")
+        print(f"run dir: {run_dir}")
+        return 0
     if result.stopped_by:
         step = int(result.state.step)
         print(f"stopped by {result.stopped_by} at step {step}; checkpoint saved; run the same command to resume")
@@ -181,6 +187,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if len(completions) > 1:
             print(f"--- [{i + 1}] {prompt}")
         print(completion)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from jaxft.plot import plot_run
+
+    for path in plot_run(Path(args.run_dir), best=args.best):
+        print(f"wrote {path}")
     return 0
 
 
@@ -263,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_step_args(p)
     distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("plot", help="draw a run's training curves, eval metrics and confusion matrix as PNGs")
+    p.add_argument("run_dir")
+    p.add_argument("--best", action="store_true", help="the confusion matrix of the best eval, not the last")
+    p.set_defaults(fn=cmd_plot)
     p = sub.add_parser("plan", help="print parameters, shardings, freeze status and memory; builds nothing")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")

@@ -168,6 +168,15 @@ class TrainConfig:
     nonfinite: str = "halt"  # a non-finite loss/gradient: "halt" the run, or "skip" the update and go on
     max_nonfinite_steps: int = 10  # skip mode: halt after this many non-finite steps in a row
     sample_max_new_tokens: int = _resumable(32)  # causal-lm: new tokens per data.sample_prompts completion at each eval
+    # Stop once this many evals in a row did not improve early_stopping_metric by more than min_delta (0: off).
+    early_stopping_patience: int = 0
+    early_stopping_metric: str = ""  # "" = checkpoint.keep_best_metric (and its mode), else eval_loss
+    early_stopping_min_delta: float = 0.0
+    # Where metrics go: "jsonl" (RUN_DIR/metrics.jsonl), "tensorboard" (RUN_DIR/tensorboard), "wandb" (the wandb
+    # extra; a resumed run continues the same W&B run).
+    report_to: tuple[str, ...] = _resumable(("jsonl", "tensorboard"))
+    wandb_project: str = _resumable("jaxft")
+    wandb_run_name: str = _resumable("")  # "" = the run dir's name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +193,10 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = _resumable("test")
     max_length: int = 128
+    # Each batch is padded to the smallest of these row lengths that holds its longest row, and rows are grouped
+    # by length inside shuffled mega-batches (sequence/token classification; causal-lm with packing=false).
+    # (-1,) = the powers of two from 16 up to max_length, and max_length; () = every batch padded to max_length.
+    length_buckets: tuple[int, ...] = (-1,)
     shuffle_seed: int = 0
     # Decoder LLMs (model.task="causal-lm"): JSONL of {"prompt", "completion"}, chat {"messages": [...]}, or
     # {"text"}; or .txt files (documents separated by blank lines).
@@ -247,6 +260,14 @@ _CHOICES = {
     "train.nonfinite": ("halt", "skip"),
     "data.truncation": ("error", "left", "drop"),
     "checkpoint.keep_best_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity"),
+    "train.early_stopping_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity"),
+}
+SINKS = ("jsonl", "tensorboard", "wandb")  # train.report_to's choices
+# The eval metrics each task computes (what early stopping and the best checkpoint can follow).
+EVAL_METRICS = {
+    "sequence-classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+    "token-classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
+    "causal-lm": ("eval_loss", "eval_accuracy", "eval_perplexity"),
 }
 _POSITIVE = (
     "train.max_steps",
@@ -268,6 +289,8 @@ _NON_NEGATIVE = (
     "freeze.unfreeze_every_steps",
     "optim.clip_grad_norm",
     "optim.weight_decay",
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
 )
 
 
@@ -381,7 +404,50 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.data.dataset == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.dataset='files'")
+    _check_early_stopping(cfg)
+    length_buckets(cfg.data)
+    unknown = [sink for sink in cfg.train.report_to if sink not in SINKS]
+    if unknown:
+        raise ConfigError(f"train.report_to: unknown sink {unknown[0]!r} (known: {', '.join(SINKS)})")
     return cfg
+
+
+def length_buckets(data: DataConfig) -> tuple[int, ...]:
+    """The row lengths batches are padded to, ascending, max_length last; () when bucketing is off."""
+    buckets = data.length_buckets
+    if buckets == (-1,):
+        return tuple(b for b in (16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if b < data.max_length) + (
+            data.max_length,
+        )
+    if any(b < 1 for b in buckets):
+        raise ConfigError(f"data.length_buckets: {list(buckets)}: every bucket must be a positive row length")
+    if any(b >= c for b, c in zip(buckets, buckets[1:])):
+        raise ConfigError(f"data.length_buckets: {list(buckets)} is not increasing")
+    if buckets and buckets[-1] > data.max_length:
+        raise ConfigError(f"data.length_buckets: bucket {buckets[-1]} is longer than data.max_length={data.max_length}")
+    return buckets + (data.max_length,) if buckets and buckets[-1] < data.max_length else buckets
+
+
+def early_stopping_metric(cfg: Config) -> tuple[str, str]:
+    """(metric, "min" | "max") that early stopping follows."""
+    metric = cfg.train.early_stopping_metric or cfg.checkpoint.keep_best_metric or "eval_loss"
+    if metric == cfg.checkpoint.keep_best_metric and cfg.checkpoint.keep_best_mode != "auto":
+        return metric, cfg.checkpoint.keep_best_mode
+    return metric, "min" if "loss" in metric or "perplexity" in metric else "max"
+
+
+def _check_early_stopping(cfg: Config) -> None:
+    if not cfg.train.early_stopping_patience:
+        return
+    if not cfg.train.eval_every_steps:
+        raise ConfigError("train.early_stopping_patience: needs evals during training; set train.eval_every_steps > 0")
+    metric, _ = early_stopping_metric(cfg)
+    computed = EVAL_METRICS.get(cfg.model.task, ())
+    if computed and metric not in computed:
+        raise ConfigError(
+            f"train.early_stopping_metric: {metric!r} is never computed for model.task={cfg.model.task!r} "
+            f"(its evals give {', '.join(computed)})"
+        )
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] = ()) -> Config:

@@ -16,15 +16,16 @@ from flax import nnx
 
 from jaxft import compile
 from jaxft import mesh as mesh_lib
-from jaxft.config import ConfigError, apply_overrides, from_dict, validate
+from jaxft.config import ConfigError, apply_overrides, from_dict, length_buckets, validate
 from jaxft.data import pipeline
 from jaxft.run_dir import restore_run
 
 
 def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
     """Loss and accuracy over all weighted examples (tokens for token and LM tasks). Classification adds
-    macro-F1, the mean per-class F1 over every class in the labels or the predictions; a causal LM adds
-    perplexity, exp of the per-token loss."""
+    macro-F1, the mean per-class F1 over every class in the labels or the predictions, and the confusion counts
+    (`eval_confusion[true][predicted]`, up to step.MAX_CONFUSION_CLASSES classes); a causal LM adds perplexity,
+    exp of the per-token loss."""
     count = max(float(totals["count"]), 1.0)
     out = {
         "eval_loss": float(totals["loss_sum"]) / count,
@@ -36,7 +37,10 @@ def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
     tp, predicted, true = (np.asarray(totals[k], np.float64) for k in ("tp", "predicted", "true"))
     present = (predicted + true) > 0
     f1 = np.where(present, 2 * tp / np.maximum(predicted + true, 1e-12), 0.0)
-    return {**out, "eval_macro_f1": float(f1[present].mean()) if present.any() else 0.0}
+    out["eval_macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+    if "confusion" in totals:  # [true][predicted] example (token) counts
+        out["eval_confusion"] = np.asarray(totals["confusion"]).round().astype(int).tolist()
+    return out
 
 
 def build_evaluate(
@@ -62,11 +66,14 @@ def build_evaluate(
     return evaluate
 
 
-def classification_batches(source: Any, encoder: pipeline.Encoder, rows: mesh_lib.BatchRows):
+def classification_batches(
+    source: Any, encoder: pipeline.Encoder, rows: mesh_lib.BatchRows, buckets: tuple[int, ...] = ()
+):
     """host_batches for build_evaluate over a classification eval split, or None without one."""
     if source is None:
         return None
-    return lambda: pipeline.iter_eval_batches(source, encoder, rows)
+    lengths = encoder.lengths(source) if buckets else None
+    return lambda: pipeline.iter_eval_batches(source, encoder, rows, buckets, lengths)
 
 
 def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_lib.BatchRows):
@@ -78,7 +85,8 @@ def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_li
         raise pipeline.DataError(
             f"data: labels {list(sources.label_names)} differ from the run's {meta['label_names']}"
         )
-    return classification_batches(sources.eval, pipeline.Encoder(folder, cfg.data.max_length, sources), rows)
+    encoder = pipeline.Encoder(folder, cfg.data.max_length, sources)
+    return classification_batches(sources.eval, encoder, rows, length_buckets(cfg.data))
 
 
 def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_lib.BatchRows):
@@ -89,7 +97,8 @@ def lm_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_lib.Batc
     if sources.eval is None:
         raise pipeline.DataError("data.eval_files: this causal-lm run has no eval files; name some")
     encoder = lm.LMEncoder(folder, cfg.data, int(meta["spec"]["vocab_size"]))
-    return lambda: lm.iter_lm_eval_batches(sources.eval, encoder, rows, cfg.data.max_length)
+    buckets = length_buckets(cfg.data)
+    return lambda: lm.iter_lm_eval_batches(sources.eval, encoder, rows, cfg.data.max_length, buckets)
 
 
 def eval_run(run_dir: Path, step: int, overrides: list[str] = ()) -> tuple[dict[str, Any], Path]:

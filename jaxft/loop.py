@@ -48,6 +48,8 @@ class LoopHooks:
     # (state, the new phase's step, step index) -> the state moved into that phase's partition (gradual unfreezing)
     enter_phase: Callable[[Any, PhaseStep, int], Any] = lambda state, phase_step, step: state
     should_stop: Callable[[int], str] = lambda step: ""  # a signal's name once a stop was requested
+    # (step, its eval metrics) -> a reason to stop the run after this step (early stopping), or ""
+    after_eval: Callable[[int, dict[str, float]], str] = lambda step, metrics: ""
 
 
 class NonFiniteError(RuntimeError):
@@ -79,6 +81,52 @@ class NonFinitePolicy:
             raise NonFiniteError(
                 f"{what}; {self.consecutive} non-finite steps in a row reached train.max_nonfinite_steps, halting"
             )
+
+
+class EarlyStopping:
+    """Counts the evals since `metric` last improved by more than `min_delta`; once `patience` evals in a row
+    did not, the run stops. Its state goes into every checkpoint, so a resumed run counts on."""
+
+    def __init__(self, metric: str, mode: str, patience: int, min_delta: float, state: dict[str, Any] | None = None):
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        state = state or {}
+        self.best = state.get("best")
+        self.best_step = int(state.get("best_step", 0))
+        self.bad_evals = int(state.get("bad_evals", 0))
+        # A run that stopped early stays stopped, unless resumed with a larger patience (--allow-config-change).
+        self.stopped_at = int(state.get("stopped_at", 0)) if patience and self.bad_evals >= patience else 0
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad_evals": self.bad_evals,
+            "stopped_at": self.stopped_at,
+        }
+
+    def observe(self, step: int, metrics: dict[str, float]) -> str:
+        """After the eval at `step`: a one-line reason when the run should stop now, else ""."""
+        if not self.patience or self.metric not in metrics:
+            return ""
+        value = float(metrics[self.metric])
+        better = self.best is None or (
+            value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        )
+        if better:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return ""
+        self.bad_evals += 1
+        if self.bad_evals < self.patience:
+            return ""
+        self.stopped_at = step
+        return self.reason()
+
+    def reason(self) -> str:
+        evals = "eval" if self.patience == 1 else "evals"
+        return (
+            f"stopped early at step {self.stopped_at}: {self.metric} did not improve for {self.patience} {evals} "
+            f"(best {self.best:.4g} at step {self.best_step})"
+        )
 
 
 class StopRequest:
@@ -128,6 +176,7 @@ class Cadence:
     eval_every: int
     save_every: int
     tokens_per_step: int
+    save_at_eval: bool = False  # early stopping: every eval saves too, so the best eval has its checkpoint
 
 
 class Progress:
@@ -175,27 +224,38 @@ class _Emitter:
     ):
         self.cadence, self.hooks, self.progress, self.nonfinite = cadence, hooks, progress, nonfinite
         self.last_time, self.last_step = time.perf_counter(), start_step
+        self.padded, self.real = 0.0, 0.0  # tokens of the steps since the last record: all, and not padding
 
     def emit(self, ran: Ran, extra: dict[str, float] | None = None) -> None:
         # Every step's scalars are read (one step late) so a non-finite step is never missed.
         step = ran.step
         host = {k: float(np.asarray(v)) for k, v in jax.device_get(ran.metrics).items()}
         self.nonfinite.observe(step, host, ran.leaf_paths)
+        self.real += host.pop("tokens", 0.0)
+        self.padded += host.pop("padded_tokens", self.cadence.tokens_per_step)
         if not (extra or is_due(step, self.cadence.log_every, self.cadence.max_steps)):
             return
-        for k in ("tokens", "nonfinite", "nonfinite_leaf"):
+        for k in ("nonfinite", "nonfinite_leaf"):
             host.pop(k, None)
         host["skipped_steps"] = self.nonfinite.skipped
-        now = time.perf_counter()
-        tokens = self.cadence.tokens_per_step * (step - self.last_step)
-        record = {"step": step, **host, "tokens_per_sec": tokens / max(now - self.last_time, 1e-9), **(extra or {})}
-        self.last_time, self.last_step = now, step
+        seconds = max(time.perf_counter() - self.last_time, 1e-9)
+        record = {
+            "step": step,
+            **host,
+            "tokens_per_sec": self.padded / seconds,  # every token the step computed on, padding included
+            "real_tokens_per_sec": self.real / seconds,
+            "padding_fraction": 1.0 - self.real / max(self.padded, 1.0),
+            **(extra or {}),
+        }
+        self.last_time, self.last_step = time.perf_counter(), step
+        self.padded, self.real = 0.0, 0.0
         self.hooks.write_metrics(record)
         self.progress.show(record)
 
     def restart_clock(self, step: int) -> None:
         # Eval and save time is not training throughput.
         self.last_time, self.last_step = time.perf_counter(), step
+        self.padded, self.real = 0.0, 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +271,7 @@ class Ran:
 class LoopResult:
     state: Any
     eval_metrics: dict[str, float]
-    stopped_by: str = ""  # a signal's name when the run stopped early (after saving)
+    stopped_by: str = ""  # a signal's name, or early stopping's reason, when the run stopped early (after saving)
     traces: int = 0  # how often the train step was traced, over every phase
 
 
@@ -241,15 +301,21 @@ def run_loop(
             progress.advance()
             stopped_by = hooks.should_stop(step)
             do_eval = is_due(step, cadence.eval_every, cadence.max_steps)
+            if do_eval:
+                last_eval = hooks.evaluate(state)
+                reason = hooks.after_eval(step, last_eval)
+                stopped_by = stopped_by or (reason if step < cadence.max_steps else "")
             do_save = is_due(step, cadence.save_every, cadence.max_steps) or bool(stopped_by)
+            do_save = do_save or (do_eval and cadence.save_at_eval)
             if do_eval or do_save:
-                if do_eval:
-                    last_eval = hooks.evaluate(state)
                 emitter.emit(pending, last_eval if do_eval else None)  # a halting step is never saved
                 pending = None
                 if do_save:
                     hooks.save(state, last_eval if do_eval else None)
                 emitter.restart_clock(step)
+            if stopped_by.startswith("stopped early"):
+                log.info("%s; checkpoint saved", stopped_by)
+                break
             if stopped_by:
                 log.warning(
                     "stopped at step %d by %s; checkpoint saved; run the same command to resume", step, stopped_by

@@ -12,6 +12,8 @@ import numpy as np
 
 from jaxft import compile
 from jaxft import mesh as mesh_lib
+from jaxft.config import from_dict, length_buckets
+from jaxft.data.buckets import bucket_for
 from jaxft.data.builders import DataError, read_records
 from jaxft.run_dir import read_run, restore_run
 
@@ -44,14 +46,20 @@ def predict_file(
     labels = meta["label_names"]
     token_level = meta["spec"]["task"] == "token-classification"
     outputs = []
+    buckets = length_buckets(from_dict(meta["config"]).data)
     for start in range(0, len(records), rows.size):
         texts = [records[i]["text"] if i < len(records) else "" for i in start + rows.mine]
         inputs = [t.split() or [""] for t in texts] if token_level else texts
+        # The whole global batch's longest row picks the bucket, so every process pads to the same length.
+        every = [r["text"] for r in records[start : start + rows.size]]
+        every = [t.split() or [""] for t in every] if token_level else every
+        measured = tokenizer(every, truncation=True, max_length=max_length, is_split_into_words=token_level)
+        longest = max(len(ids) for ids in measured["input_ids"])
         enc = tokenizer(
             inputs,
             padding="max_length",
             truncation=True,
-            max_length=max_length,
+            max_length=bucket_for(longest, buckets) if buckets else max_length,
             return_tensors="np",
             return_token_type_ids=True,
             is_split_into_words=token_level,

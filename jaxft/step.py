@@ -180,6 +180,7 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
         "tokens": (batch["attention_mask"] if "attention_mask" in batch else batch["segment_ids"] > 0).sum(),
+        "padded_tokens": jnp.asarray(batch["input_ids"].size, jnp.int32),  # rows × this batch's bucket length
         "nonfinite": (~finite).astype(jnp.int32),
         # Index (in jax.tree.leaves(trainable) order) of the first non-finite gradient, or -1.
         "nonfinite_leaf": jnp.where(bad_leaf_G.any(), jnp.argmax(bad_leaf_G), -1).astype(jnp.int32),
@@ -221,6 +222,9 @@ def eval_step(
     return {**stats, **(extra(out, batch) if extra else {})}
 
 
+MAX_CONFUSION_CLASSES = 64
+
+
 def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Weighted per-class true-positive, predicted and true counts ([C] each)."""
     labels = batch["labels"]
@@ -231,7 +235,13 @@ def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, ja
     pred_C = jax.nn.one_hot(logits.argmax(-1), num_classes) * weights[..., None]
     true_C = jax.nn.one_hot(jnp.where(labels == IGNORE_LABEL, 0, labels), num_classes) * weights[..., None]
     axes_ = tuple(range(pred_C.ndim - 1))
-    return {"tp": (pred_C * true_C).sum(axes_), "predicted": pred_C.sum(axes_), "true": true_C.sum(axes_)}
+    sums = {"tp": (pred_C * true_C).sum(axes_), "predicted": pred_C.sum(axes_), "true": true_C.sum(axes_)}
+    # [true class, predicted class] counts, for `jaxft plot`'s confusion matrix (only for a modest class count:
+    # the eval metrics hold it).
+    if num_classes <= MAX_CONFUSION_CLASSES:
+        flat_true, flat_pred = true_C.reshape(-1, num_classes), pred_C.reshape(-1, num_classes)
+        sums["confusion"] = jnp.einsum("nt,np->tp", flat_true, (flat_pred > 0).astype(jnp.float32))
+    return sums
 
 
 def predict_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> jax.Array:

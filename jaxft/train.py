@@ -20,7 +20,7 @@ from jaxft import generate as generate_lib
 from jaxft import mesh as mesh_lib
 from jaxft import metrics as metrics_lib
 from jaxft import run_dir as run_dir_lib
-from jaxft.config import Config
+from jaxft.config import Config, ConfigError, early_stopping_metric
 from jaxft.data.train_data import TrainData
 from jaxft.state import TrainState, repartition, trainable_paths
 
@@ -45,6 +45,7 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     """Fine-tunes per `cfg` into `run_dir`; a run dir that already holds checkpoints is resumed from its
     latest complete one, and the rest of the run is the same as if it had never stopped."""
     run_dir = Path(run_dir)
+    metrics_lib.check_sinks(cfg.train.report_to)
     mesh = setup.build_mesh(cfg)
     data = TrainData(cfg)
     skeleton = setup.build_model(cfg, mesh, len(data.label_names))
@@ -56,6 +57,7 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     layout_of = functools.cache(functools.partial(setup.abstract_state, skeleton, plan, cfg=cfg, schedule=schedule))
     restore = functools.partial(restore_phase, run_dir, cfg, skeleton, layout_of)
     resume = run_dir_lib.find_resume_point(run_dir, cfg, skeleton, restore, allow_config_change)
+    early = build_early_stopping(cfg, data, resume)
     phase, state = start_state(cfg, skeleton, phases, layout_of, resume)
     start_step = resume.step if resume else 0
     data.open(skeleton.folder, skeleton.spec.vocab_size, mesh)
@@ -70,11 +72,15 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     open_run_dir(run_dir, meta, start_step)
     skipped = int(resume.data.get("skipped_steps", 0)) if resume else 0
     nonfinite = loop.NonFinitePolicy(cfg.train.nonfinite, cfg.train.max_nonfinite_steps, skipped)
-    saver, writer = checkpoint.Saver(run_dir, cfg.checkpoint), metrics_lib.MetricsWriter(run_dir)
+    saver = checkpoint.Saver(run_dir, cfg.checkpoint)
+    writer = metrics_lib.MetricsWriter(
+        run_dir, cfg.train.report_to, cfg.train.wandb_project, cfg.train.wandb_run_name, meta["config"]
+    )
 
     def save(s: TrainState, metrics: dict[str, float] | None) -> None:
         # Global batches make the iterator state the same on every process: it is stored once.
         data_state = {"iterator": data_iter.get_state(), "skipped_steps": nonfinite.skipped}
+        data_state["early_stopping"] = early.state()
         saver.save(s, data_state, {**meta, "trainable_paths": trainable_paths(s)}, metrics)
 
     hooks = loop.LoopHooks(
@@ -85,12 +91,16 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
         save=save,
         write_metrics=writer.write,
         enter_phase=enter_phase,
+        after_eval=early.observe,
     )
     try:
-        with loop.StopRequest() as stop:
-            result = loop.run_loop(
-                state, start_step, phase, cadence(cfg), dataclasses.replace(hooks, should_stop=stop), nonfinite
-            )
+        if early.stopped_at:  # resumed after it stopped early: nothing is left to do
+            result = loop.LoopResult(state, {}, early.reason())
+        else:
+            with loop.StopRequest() as stop:
+                result = loop.run_loop(
+                    state, start_step, phase, cadence(cfg), dataclasses.replace(hooks, should_stop=stop), nonfinite
+                )
         saver.finish()
     finally:
         saver.close()
@@ -98,6 +108,17 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     data.report()
     return RunResult(
         run_dir, result.state, result.eval_metrics, data.label_names, result.traces, start_step, result.stopped_by
+    )
+
+
+def build_early_stopping(cfg: Config, data: TrainData, resume: run_dir_lib.ResumePoint | None) -> loop.EarlyStopping:
+    """Early stopping as configured, counting on from the checkpoint's state on a resume."""
+    metric, mode = early_stopping_metric(cfg)
+    if cfg.train.early_stopping_patience and data.sources.eval is None:
+        raise ConfigError(f"train.early_stopping_patience: {metric} is never computed: the data has no eval split")
+    state = resume.data.get("early_stopping") if resume else None
+    return loop.EarlyStopping(
+        metric, mode, cfg.train.early_stopping_patience, cfg.train.early_stopping_min_delta, state
     )
 
 
@@ -179,4 +200,5 @@ def cadence(cfg: Config) -> loop.Cadence:
         eval_every=cfg.train.eval_every_steps,
         save_every=cfg.checkpoint.every_steps,
         tokens_per_step=cfg.train.batch_size * cfg.data.max_length,
+        save_at_eval=cfg.train.early_stopping_patience > 0,
     )

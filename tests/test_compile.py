@@ -106,6 +106,7 @@ def test_train_step_donates_the_state_only_and_keeps_its_shardings(tiny):
         "loss",
         "nonfinite",
         "nonfinite_leaf",
+        "padded_tokens",
         "tokens",
     ]
     assert all(o.shape == () and o.sharding == replicated for o in out_metrics.values())
@@ -125,6 +126,7 @@ def test_eval_step_returns_replicated_sums_and_does_not_donate(tiny):
         "tp": ((2,), replicated),
         "predicted": ((2,), replicated),
         "true": ((2,), replicated),
+        "confusion": ((2, 2), replicated),
     }
 
 

@@ -3,9 +3,9 @@ on a tiny random Mistral-shaped checkpoint with its 32000-token vocabulary. SFT 
 tokenizer to exactly the rendered text, the loss mask covers exactly the completion, and a checkpoint whose
 embedding disagrees with the tokenizer is refused in one line."""
 
-import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,10 @@ COMPLETION = "Un café naïf, 1234 articles — d'accord?"
 
 
 def sentencepiece_model() -> Path:
-    spec = importlib.util.find_spec("mistral_common")  # finds the package without importing it (no deps needed)
-    if spec is None:
-        pytest.fail("mistral-common is not installed (make test installs it with --no-deps for its tokenizer file)")
-    return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+    path = Path(sys.prefix) / "mistral-tokenizer.model.v1"  # make test takes it from mistral-common's wheel
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: `make test` extracts it from the mistral-common 1.13.1 wheel")
+    return path
 
 
 def mistral_folder(folder: Path, vocab_size: int = 32000) -> Path:

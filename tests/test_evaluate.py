@@ -51,12 +51,14 @@ def test_eval_of_a_step_matches_the_training_time_eval(run, shared, capsys):
         "eval_accuracy",
         "eval_macro_f1",
         "eval_examples",
+        "eval_confusion",
     }
     assert record["step"] == 4 and record["dataset"] == "files" and record["split"] == "test"
     expected = training_evals(run)[4]
     assert abs(record["eval_loss"] - expected["eval_loss"]) < 1e-5
     assert abs(record["eval_accuracy"] - expected["eval_accuracy"]) < 1e-5
     assert abs(record["eval_macro_f1"] - expected["eval_macro_f1"]) < 1e-5
+    assert record["eval_confusion"] == expected["eval_confusion"]
     assert 0.0 <= record["eval_macro_f1"] <= 1.0
     assert record["eval_examples"] == 16  # the rows of eval.jsonl, padding excluded
     assert out[0] == (

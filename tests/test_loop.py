@@ -199,9 +199,11 @@ def test_every_step_is_read_but_only_due_steps_are_written():
     assert reads(fake) == [s for s in range(1, 8) for _ in range(4)]  # four metrics per step
     assert writes(fake) == [3, 6, 7]
     rec = fake.records[0]
-    assert sorted(rec) == ["loss", "skipped_steps", "step", "tokens_per_sec"]  # counters are not logged
+    # counters are not logged; token rates are
+    assert sorted(rec) == ["loss", "padding_fraction", "real_tokens_per_sec", "skipped_steps", "step", "tokens_per_sec"]
     assert (rec["step"], rec["loss"], rec["skipped_steps"]) == (3, 3.0, 0)
-    last = ["eval_accuracy", "eval_at", "eval_loss", "loss", "skipped_steps", "step", "tokens_per_sec"]
+    last = ["eval_accuracy", "eval_at", "eval_loss", "loss", "padding_fraction", "real_tokens_per_sec"]
+    last += ["skipped_steps", "step", "tokens_per_sec"]
     assert sorted(fake.records[-1]) == last
 
 

@@ -55,7 +55,13 @@ def test_gradual_unfreezing_trains_top_down_and_compiles_once_per_phase(tmp_path
     assert "encoder/layers/1/up/kernel" in changed
     assert not any(p.startswith(("encoder/layers/0/", "embeddings/")) for p in changed)
     assert result.traces == 2  # one compile per freeze phase, not per step
-    assert set(result.eval_metrics) == {"eval_loss", "eval_accuracy", "eval_macro_f1", "eval_examples"}
+    assert set(result.eval_metrics) == {
+        "eval_loss",
+        "eval_accuracy",
+        "eval_macro_f1",
+        "eval_examples",
+        "eval_confusion",
+    }
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
 

@@ -7,6 +7,7 @@ Owns turning text into token rows; it must not touch jax arrays or the mesh (mes
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import tensorflow_datasets as tfds
 
 from jaxft.config import DataConfig
 from jaxft.data import builders, pipeline, selected_rows
+from jaxft.data.buckets import bucket_for, grouped_batches, sorted_batches
 from jaxft.data.builders import DataError
 from jaxft.data.pipeline import as_text  # tfds hands text back as bytes
 
@@ -379,18 +381,27 @@ def _from_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def build_lm_train_dataset(
-    source: Any, encoder: LMEncoder, rows: Any, seed: int, max_length: int, packing: bool
-) -> grain.IterDataset:
+    source: Any,
+    encoder: LMEncoder,
+    rows: Any,
+    seed: int,
+    max_length: int,
+    packing: bool,
+    buckets: tuple[int, ...] = (),
+) -> grain.IterDataset | grain.MapDataset:
     """Infinite, seeded, reshuffled every epoch; rows packed or padded; element s is global batch s
     (`rows.size` rows, a mesh.BatchRows) of which this process keeps its rows (`rows.mine`).
 
     Every process reads, tokenizes and packs the whole global batch, so the batches and the iterator state do
-    not depend on the process count. Packing is first-fit (an example is never split across rows); iter() of
-    the result is checkpointable.
+    not depend on the process count. Packing is first-fit (an example is never split across rows). Unpacked
+    with `buckets`, rows are grouped by length and each batch is padded to its bucket. iter() of the result is
+    checkpointable.
     """
     if max_length < encoder.max_length:
         raise DataError(f"max_length={max_length} is shorter than the encoder's data.max_length={encoder.max_length}")
     size, mine = selected_rows(rows)
+    if buckets and not packing:
+        return _bucketed_rows(source, encoder, size, mine, seed, buckets)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).to_iter_dataset()
     examples = grain_exp.FlatMapIterDataset(ds, _EncodeRows(encoder, len(source)))
     if packing:
@@ -403,19 +414,52 @@ def build_lm_train_dataset(
     return examples.batch(size, drop_remainder=True).map(lambda batch: {k: v[mine] for k, v in batch.items()})
 
 
+def row_table(source: Any, encoder: LMEncoder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every token row of the data (an example longer than max_length splits into several, a dropped one has
+    none): (its example, its part, its length). One tokenizing pass, for bucketing."""
+    example, part, length = [], [], []
+    for i in range(len(source)):
+        for j, row in enumerate(encoder.encode_rows(source[i])):
+            example.append(i)
+            part.append(j)
+            length.append(len(row["input_ids"]))
+    if not length:
+        raise DataError(f"every training example is longer than data.max_length={encoder.max_length}")
+    return np.asarray(example, np.int64), np.asarray(part, np.int64), np.asarray(length, np.int64)
+
+
+def _bucketed_rows(source, encoder: LMEncoder, size: int, mine: list[int], seed: int, buckets) -> grain.MapDataset:
+    example, part, lengths = row_table(source, encoder)
+    if len(lengths) < size:
+        raise DataError(f"train.batch_size: {size} is larger than the {len(lengths)} training rows")
+    rows_of = functools.lru_cache(maxsize=256)(lambda i: encoder.encode_rows(source[i]))
+
+    def encode(index: np.ndarray) -> dict[str, np.ndarray]:
+        length = bucket_for(int(lengths[index].max()), buckets)
+        picked = [pad_row(rows_of(int(example[r]))[int(part[r])], length) for r in index[mine]]
+        return {k: np.stack([row[k] for row in picked]) for k in picked[0]}
+
+    return grouped_batches(lengths, size, seed).map(encode)
+
+
 def iter_lm_eval_batches(
-    source: Any, encoder: LMEncoder, rows: Any, max_length: int
+    source: Any, encoder: LMEncoder, rows: Any, max_length: int, buckets: tuple[int, ...] = ()
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once, in order, one per row, `rows.size` per global batch, this process's rows
-    of each; rows past the end are all-zero.
+    """Every eval example exactly once, one per row, `rows.size` per global batch, this process's rows of each;
+    rows past the end are all-zero. In order, padded to max_length; with `buckets`, shortest first, each batch
+    padded to its bucket (the order does not change an eval's sums).
 
     Every process encodes the whole (small) eval set, so all agree on the batch count without a collective and
     stay in lockstep (as pipeline.iter_eval_batches does).
     """
-    encoded = [pad_row(r, max_length) for i in range(len(source)) for r in encoder.encode_rows(source[i])]
-    blank = pad_row({"input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.float32)}, max_length)
+    encoded = [r for i in range(len(source)) for r in encoder.encode_rows(source[i])]
     size, mine = selected_rows(rows)
-    for b in range(-(-len(encoded) // size)):
-        index = [b * size + r for r in mine]
-        batch = [encoded[i] if i < len(encoded) else blank for i in index]
-        yield {k: np.stack([r[k] for r in batch]) for k in blank}
+    if buckets:
+        batches = sorted_batches(np.asarray([len(r["input_ids"]) for r in encoded], np.int64), size)
+    else:
+        batches = [np.arange(b * size, min((b + 1) * size, len(encoded))) for b in range(-(-len(encoded) // size))]
+    empty = {"input_ids": np.zeros(0, np.int32), "loss_mask": np.zeros(0, np.float32)}
+    for index in batches:
+        length = bucket_for(max(len(encoded[i]["input_ids"]) for i in index), buckets) if buckets else max_length
+        picked = [pad_row(encoded[int(index[r])] if r < len(index) else empty, length) for r in mine]
+        yield {k: np.stack([row[k] for row in picked]) for k in picked[0]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 
 from jaxft.config import DataConfig
 from jaxft.data import IGNORE_LABEL, builders, selected_rows
+from jaxft.data import buckets as bucket_lib
 from jaxft.data.builders import DataError
 
 
@@ -98,25 +100,45 @@ class Encoder:
             raise DataError(f"{tokenizer_dir}: cannot load the checkpoint's tokenizer ({e})") from None
         self.max_length = max_length
         self.s = sources
+        # grain reads batches on several threads, and a fast tokenizer keeps its padding and truncation settings
+        # on the object: calls that pad to different bucket lengths must not interleave.
+        self._lock = threading.Lock()
 
-    def __call__(self, records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        """Encodes a list of records into one batch of fixed-shape arrays."""
+    def _texts(self, records: list[dict[str, Any]]) -> tuple[list, list | None]:
         s = self.s
         if s.token_level:
             texts = [[as_text(w) for w in r[s.text_key]] for r in records]
         else:
             texts = [as_text(r[s.text_key]) for r in records]
-        pairs = [as_text(r[s.pair_key]) for r in records] if s.pair_key else None
-        enc = self.tokenizer(
-            texts,
-            pairs,
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="np",
-            return_token_type_ids=True,
-            is_split_into_words=s.token_level,
-        )
+        return texts, [as_text(r[s.pair_key]) for r in records] if s.pair_key else None
+
+    def lengths(self, source: Any, chunk: int = 1024) -> np.ndarray:
+        """Every example's token count (truncated at max_length, as the batches are): what bucketing sorts by."""
+        out = []
+        for start in range(0, len(source), chunk):
+            texts, pairs = self._texts([source[i] for i in range(start, min(start + chunk, len(source)))])
+            with self._lock:
+                enc = self.tokenizer(
+                    texts, pairs, truncation=True, max_length=self.max_length, is_split_into_words=self.s.token_level
+                )
+            out.extend(len(ids) for ids in enc["input_ids"])
+        return np.asarray(out, np.int64)
+
+    def __call__(self, records: list[dict[str, Any]], length: int | None = None) -> dict[str, np.ndarray]:
+        """Encodes a list of records into one batch of rows `length` long (default max_length)."""
+        s = self.s
+        texts, pairs = self._texts(records)
+        with self._lock:
+            enc = self.tokenizer(
+                texts,
+                pairs,
+                padding="max_length",
+                truncation=True,
+                max_length=length or self.max_length,
+                return_tensors="np",
+                return_token_type_ids=True,
+                is_split_into_words=s.token_level,
+            )
         if s.token_level:
             labels = np.stack([_align_tags(enc.word_ids(i), r[s.label_key]) for i, r in enumerate(records)])
         else:
@@ -145,29 +167,48 @@ def as_text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def build_train_dataset(source: Any, encoder: Encoder, rows: Any, seed: int) -> grain.MapDataset:
+def build_train_dataset(
+    source: Any, encoder: Encoder, rows: Any, seed: int, buckets: tuple[int, ...] = ()
+) -> grain.MapDataset:
     """Infinite, seeded, reshuffled every epoch. Element s is global batch s, of which this process reads and
     tokenizes only its rows (`rows.mine` of `rows.size`, a mesh.BatchRows): the batches, and so the iterator
-    state, are the same whatever the process count."""
+    state, are the same whatever the process count. With `buckets`, rows are grouped by length and each batch
+    is padded to the smallest bucket that holds its longest row; without, every batch to max_length."""
     size, mine = selected_rows(rows)
     if len(source) < size:
         raise DataError(f"train.batch_size: {size} is larger than the {len(source)} training examples")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
-    return ds.batch(size, drop_remainder=True, batch_fn=lambda records: encoder([records[i] for i in mine]))
+    if not buckets:
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+        return ds.batch(size, drop_remainder=True, batch_fn=lambda records: encoder([records[i] for i in mine]))
+    lengths = encoder.lengths(source)
+
+    def encode(index: np.ndarray) -> dict[str, np.ndarray]:
+        length = bucket_lib.bucket_for(int(lengths[index].max()), buckets)
+        return encoder([source[int(index[i])] for i in mine], length)
+
+    return bucket_lib.grouped_batches(lengths, size, seed).map(encode)
 
 
-def iter_eval_batches(source: Any, encoder: Encoder, rows: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Every eval example exactly once, in order, `rows.size` per global batch, this process's rows of each;
-    rows past the end are weight-0 copies. Every process yields the same number of batches, so collective
-    steps stay in lockstep."""
+def iter_eval_batches(
+    source: Any, encoder: Encoder, rows: Any, buckets: tuple[int, ...] = (), lengths: np.ndarray | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every eval example exactly once, `rows.size` per global batch, this process's rows of each; rows past
+    the end are weight-0 copies. Every process yields the same number of batches, so collective steps stay in
+    lockstep. With `buckets` (and the examples' `lengths`), examples go shortest first and each batch is padded
+    to its bucket; without, in order, to max_length."""
     n, (size, mine) = len(source), selected_rows(rows)
-    for b in range(-(-n // size)):
-        index = [b * size + r for r in mine]
-        real = [i for i in index if i < n]
-        batch = encoder([source[i] for i in real or [0]])
+    if buckets:
+        lengths = encoder.lengths(source) if lengths is None else lengths
+        batches = bucket_lib.sorted_batches(lengths, size)
+    else:
+        batches = [np.arange(b * size, min((b + 1) * size, n)) for b in range(-(-n // size))]
+    for batch_index in batches:
+        real = [int(batch_index[r]) for r in mine if r < len(batch_index)]
+        length = bucket_lib.bucket_for(int(lengths[batch_index].max()), buckets) if buckets else None
+        batch = encoder([source[i] for i in real or [0]], length)
         if not real:
             batch["weights"][:] = 0.0
-        pad = len(index) - len(real) if real else len(index) - 1
+        pad = len(mine) - len(real) if real else len(mine) - 1
         if pad:
             batch = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batch.items()}
             batch["weights"][-pad:] = 0.0

@@ -12,7 +12,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxft import mesh as mesh_lib
-from jaxft.config import Config
+from jaxft.config import Config, length_buckets
 from jaxft.data import lm, pipeline
 
 log = logging.getLogger("jaxft.data")
@@ -44,20 +44,26 @@ class TrainData:
         batch = mesh_lib.batch_rows(mesh, cfg.train.batch_size)
         eval_source, eval_batch = self.sources.eval, mesh_lib.batch_rows(mesh, cfg.train.eval_batch_size)
         self.train_rows, self.eval_rows = batch, eval_batch
+        buckets = length_buckets(data)
         if self.lm:
             self.encoder = lm.LMEncoder(folder, data, vocab_size)
             self.train_dataset = lm.build_lm_train_dataset(
-                self.sources.train, self.encoder, batch, data.shuffle_seed, data.max_length, data.packing
+                self.sources.train, self.encoder, batch, data.shuffle_seed, data.max_length, data.packing, buckets
             )
             if eval_source is not None:
                 self.eval_batches = lambda: lm.iter_lm_eval_batches(
-                    eval_source, self.encoder, eval_batch, data.max_length
+                    eval_source, self.encoder, eval_batch, data.max_length, buckets
                 )
             return
         self.encoder = pipeline.Encoder(folder, data.max_length, self.sources)
-        self.train_dataset = pipeline.build_train_dataset(self.sources.train, self.encoder, batch, data.shuffle_seed)
+        self.train_dataset = pipeline.build_train_dataset(
+            self.sources.train, self.encoder, batch, data.shuffle_seed, buckets
+        )
         if eval_source is not None:
-            self.eval_batches = lambda: pipeline.iter_eval_batches(eval_source, self.encoder, eval_batch)
+            lengths = self.encoder.lengths(eval_source) if buckets else None  # measured once, for every eval
+            self.eval_batches = lambda: pipeline.iter_eval_batches(
+                eval_source, self.encoder, eval_batch, buckets, lengths
+            )
 
     @property
     def prompt_kind(self) -> str:
