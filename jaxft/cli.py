@@ -220,7 +220,8 @@ def _fingerprint(args: argparse.Namespace) -> dict:
         from jaxft.config import load_config
 
         fields["config"] = dataclasses.asdict(load_config(args.config, args.overrides))
-        fields["run_dir"] = str(Path(args.run_dir or Path("runs") / Path(args.config).stem).resolve())
+        # As given, not resolved: hosts may start from different directories (and gs:// paths are not local).
+        fields["run_dir"] = str(args.run_dir or Path("runs") / Path(args.config).stem)
     return fields
 
 

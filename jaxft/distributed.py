@@ -179,9 +179,10 @@ def check_same_command(fingerprint: Any) -> None:
     every = np.asarray(multihost_utils.process_allgather(digest))
     differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
     if differ:
+        who = f"process {differ[0]} was" if len(differ) == 1 else f"processes {', '.join(map(str, differ))} were"
         raise DistributedError(
-            f"processes {', '.join(map(str, differ))} were started with another command or config than process 0 "
-            "(every process must run the same jaxft command)"
+            f"{who} started with another command or config than process 0 (every process must run the same jaxft "
+            "command)"
         )
 
 

@@ -68,8 +68,8 @@ def test_train_batches_are_padded_to_their_bucket_and_equal_on_every_process(tex
     assert len(seen) == 48
     again = iter(pipeline.build_train_dataset(texts.train, enc, 8, seed=1, buckets=(16, 32, 48)))
     again.set_state(whole.get_state())  # a resume continues with the very next batch
-    nxt = next(whole)
-    assert all(np.array_equal(next(again)[k], nxt[k]) for k in nxt)
+    nxt, resumed = next(whole), next(again)
+    assert all(np.array_equal(resumed[k], nxt[k]) for k in nxt)
     for mine in ([0, 1, 2, 3], [4, 5, 6, 7]):
         it = iter(pipeline.build_train_dataset(texts.train, enc, BatchRows(8, np.asarray(mine)), 1, (16, 32, 48)))
         for b in full[:4]:

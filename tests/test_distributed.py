@@ -355,7 +355,7 @@ def test_bad_launches_are_one_line_on_every_process_and_write_nothing(job, tmp_p
             "several processes need a coordinator, a process count and an id: --coordinator, --num-processes missing",
         ),
         (lonely, f"could not join the coordinator at {address} within 3 s"),
-        (mismatch, "processes 1 were started with another command or config than process 0"),
+        (mismatch, "process 1 was started with another command or config than process 0"),
     ]:
         for code, _, err in results:
             last = err.strip().splitlines()[-1]
