@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -110,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from jaxft.train import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    run_dir = _train_run_dir(args)
     result = train(cfg, run_dir, allow_config_change=args.allow_config_change)
     if result.stopped_by.startswith("stopped early"):
         print(f"{result.stopped_by}; the best checkpoint is kept (jaxft export --best)")
@@ -217,12 +216,16 @@ def _fingerprint(args: argparse.Namespace) -> dict:
     launch_keys = {"coordinator", "num_processes", "process_id", "local_device_ids", "init_timeout", "fn"}
     fields = {k: v for k, v in vars(args).items() if k not in launch_keys}
     if args.command == "train":
-        from jaxft.config import load_config
+        from jaxft.config import load_config, to_json
 
-        fields["config"] = dataclasses.asdict(load_config(args.config, args.overrides))
+        fields["config"] = to_json(load_config(args.config, args.overrides))
         # As given, not resolved: hosts may start from different directories (and gs:// paths are not local).
-        fields["run_dir"] = str(args.run_dir or Path("runs") / Path(args.config).stem)
+        fields["run_dir"] = str(_train_run_dir(args))
     return fields
+
+
+def _train_run_dir(args: argparse.Namespace) -> Path:
+    return Path(args.run_dir or Path("runs") / Path(args.config).stem)
 
 
 def _add_step_args(p: argparse.ArgumentParser) -> None:

@@ -66,19 +66,14 @@ def predict_file(
         )
         batch = {k: enc[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids")}
         probs = np.asarray(jax.device_get(fn(params, mesh_lib.make_global_batch(batch, mesh, rows))))
-        # Every process holds the whole batch's probabilities; a token task's words come from the tokenizer.
-        words = _all_word_ids(tokenizer, records, start, rows.size, max_length) if token_level else None
-        for i in range(min(rows.size, len(records) - start)):
-            outputs.append(_word_outputs(words[i], probs[i], labels) if token_level else _output(probs[i], labels))
+        # Every process holds the whole batch's probabilities.
+        for i in range(min(rows.size, len(records) - start)):  # a token task's words: from the measuring pass
+            outputs.append(
+                _word_outputs(measured.word_ids(i), probs[i], labels) if token_level else _output(probs[i], labels)
+            )
     if jax.process_index() == 0:
         _write_atomically(output_path, records, outputs)
     return len(records)
-
-
-def _all_word_ids(tokenizer, records: list[dict], start: int, size: int, max_length: int) -> list[list[int | None]]:
-    words = [r["text"].split() or [""] for r in records[start : start + size]]
-    enc = tokenizer(words, truncation=True, max_length=max_length, is_split_into_words=True)
-    return [enc.word_ids(i) for i in range(len(words))]
 
 
 def _write_atomically(output_path: Path, records: list[dict], outputs: list[dict]) -> None:
