@@ -203,7 +203,7 @@ def main() -> None:
     from jaxft import hostmem
 
     os.environ.setdefault("JAXFT_XLA_CACHE", "off")  # every figure is of a fresh compile
-    hostmem.keep_jax_off_absent_tpu()
+    hostmem.keep_jax_off_absent_accelerators()
     hostmem.tune_malloc_for_xla_cpu()
     {
         "step": lambda: step_figures(a.model, a.quick),

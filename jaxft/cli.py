@@ -310,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     _quiet_libraries()
     log = logging.getLogger("jaxft")
-    log.debug("platforms: %s", hostmem.keep_jax_off_absent_tpu())
+    log.debug("platforms: %s", hostmem.keep_jax_off_absent_accelerators())
     log.debug("%s", runtime.set_gpu_xla_flags())
     # Before anything starts JAX's CPU backend, whose worker threads pick their malloc arenas once.
     log.debug("host malloc: %s", hostmem.tune_malloc_for_xla_cpu())
-    log.debug("%s", runtime.configure_compilation_cache())
+    compile_only = getattr(args, "target", None) not in (None, "local")
+    log.debug("%s", runtime.configure_compilation_cache(compile_only))
     errors = _user_errors()
     launch = None
     try:

@@ -40,6 +40,9 @@ class CountingJit:
     def lower(self, *args):
         return self.jitted.lower(*args)
 
+    def trace(self, *args):
+        return self.jitted.trace(*args)
+
 
 def batch_shardings(mesh: Mesh, fields=("input_ids", "attention_mask", "token_type_ids", "labels", "weights")):
     return {k: mesh_lib.batch_sharding(mesh) for k in fields}

@@ -37,10 +37,16 @@ def cache_dir() -> Path | None:
     return Path(setting).expanduser() if setting else DEFAULT_CACHE.expanduser()
 
 
-def configure_compilation_cache() -> str:
-    """Turns JAX's persistent compilation cache on at cache_dir(). Returns what it did."""
+def configure_compilation_cache(compile_only: bool = False) -> str:
+    """Turns JAX's persistent compilation cache on at cache_dir(), or, for a process that compiles for devices it
+    does not have (`plan --target v5e:2x2`), off even where JAX_COMPILATION_CACHE_DIR names one: such a program
+    cannot be loaded from the cache (XLA refuses it: "PjRtCompiler must be constructed with a Client"), so each
+    entry would only be a warning at the next plan. Returns what it did."""
     import jax
 
+    if compile_only:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return "compilation cache off: compiling for a target this host does not have"
     folder = cache_dir()
     if folder is None:
         return f"compilation cache off ({CACHE_ENV})"

@@ -1,13 +1,17 @@
 """Compile targets for `jaxft plan --target`: a Cloud TPU slice (compiled on this machine through libtpu, with no
-TPU attached) or this machine's own devices, and what their chips hold and compute.
+TPU attached), NVIDIA GPUs (compiled through the JAX CUDA plugin from a device description, with no GPU
+attached), or this machine's own devices, and what their chips hold and compute.
 
 A TPU target is named as `gcloud` names accelerator types (`v5litepod-4`, `v5p-8`, `v6e-16`, `v4-8`: the number
 counts chips for v5e and v6e, TensorCores for v4 and v5p, two per chip) or as a topology (`v5e:2x2`, `v5p:2x2x1`).
+A GPU target is a model and a count: `h100` (one GPU), `h100-8` (one host of eight), `a100-16` (two hosts of
+eight); beyond eight GPUs a host holds eight.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import re
@@ -45,9 +49,47 @@ CHIPS: dict[str, Chip] = {
         Chip("v6e", "v6e", 32 * GIB, 918e12, 2, 1, "default", "https://cloud.google.com/tpu/docs/v6e"),
     )
 }
-# Dense bf16 peak per GPU (no sparsity), from NVIDIA's data sheets; `local` uses it when it finds one of these.
-GPU_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-EXAMPLES = "local, v5litepod-4, v5p-8, v6e-16, v4-8, v5e:2x2, v5p:2x2x1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """One NVIDIA GPU model: what XLA's GPU compiler needs to know of the device to compile for it without one
+    (its TargetConfig's device description) and what `plan` compares the compiled step against."""
+
+    name: str  # as in a target name: h100
+    kind: str  # the device_kind CUDA reports
+    memory_bytes: int  # as nvidia-smi reports it
+    bf16_flops: float  # dense peak, no sparsity
+    compute_capability: tuple[int, int]
+    sms: int
+    fp32_cores_per_sm: int
+    clock_ghz: float  # boost
+    l2_bytes: int
+    bandwidth: float  # HBM bytes/s
+    shared_per_sm: int
+    shared_per_block_optin: int
+    source: str
+
+
+MIB = 1024**2
+# SXM parts. Counts, clocks, caches and bandwidth from NVIDIA's data sheets and architecture white papers; shared
+# memory per SM and per block (opt-in) from the CUDA C++ Programming Guide's compute-capability table; memory as
+# nvidia-smi reports it on each part.
+GPUS: dict[str, Gpu] = {
+    g.name: g
+    for g in (
+        Gpu("a100", "NVIDIA A100-SXM4-80GB", 81920 * MIB, 312e12, (8, 0), 108, 64, 1.41, 40 * MIB, 2.039e12,
+            164 * 1024, 163 * 1024, "https://www.nvidia.com/en-us/data-center/a100/"),
+        Gpu("h100", "NVIDIA H100 80GB HBM3", 81559 * MIB, 989e12, (9, 0), 132, 128, 1.98, 50 * MIB, 3.35e12,
+            228 * 1024, 227 * 1024, "https://www.nvidia.com/en-us/data-center/h100/"),
+        Gpu("h200", "NVIDIA H200", 143771 * MIB, 989e12, (9, 0), 132, 128, 1.98, 50 * MIB, 4.8e12,
+            228 * 1024, 227 * 1024, "https://www.nvidia.com/en-us/data-center/h200/"),
+    )
+}  # fmt: skip
+GPUS_PER_HOST = 8
+MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+DEFAULT_MEM_FRACTION = 0.75  # what JAX's GPU client takes of a device's memory unless told otherwise
+EXAMPLES = "local, v5litepod-4, v5p-8, v6e-16, v4-8, v5e:2x2, v5p:2x2x1, h100, h100-8, h200-8, a100-16"
 MAX_CHIPS = 8960  # the largest slice (a v5p pod); beyond it a name is a typo
 
 
@@ -101,15 +143,114 @@ def parse_tpu_target(name: str) -> tuple[Chip, str]:
 
 
 def _unknown(name: str) -> TargetError:
-    return TargetError(f"unknown target {name!r}: use one of {EXAMPLES} (v4, v5e, v5p, v6e slices of any size)")
+    return TargetError(
+        f"unknown target {name!r}: use one of {EXAMPLES} (v4, v5e, v5p, v6e slices of any size; "
+        f"{', '.join(GPUS)} with a GPU count)"
+    )
+
+
+def parse_gpu_target(name: str) -> tuple[Gpu, int, int] | None:
+    """(GPU, hosts, GPUs per host) of `h100` or `h100-N`; None when the name is no GPU's."""
+    m = re.fullmatch(r"([a-z]\d+)(?:-(\d+))?", name)
+    if m is None or m.group(1) not in GPUS:
+        return None
+    count = int(m.group(2) or 1)
+    if count < 1:
+        raise TargetError(f"target {name!r}: a GPU count is at least 1")
+    if count > GPUS_PER_HOST and count % GPUS_PER_HOST:
+        raise TargetError(
+            f"target {name!r}: up to {GPUS_PER_HOST} GPUs share a host, so a larger count is a multiple of "
+            f"{GPUS_PER_HOST}"
+        )
+    per_host = min(count, GPUS_PER_HOST)
+    return GPUS[m.group(1)], count // per_host, per_host
 
 
 def resolve_target(name: str) -> Target:
-    """The named target's devices; a TPU slice needs libtpu (the `tpu` extra), not a TPU."""
+    """The named target's devices; a TPU slice needs libtpu (the `tpu` extra), a GPU target the JAX CUDA plugin
+    (the `gpu-plan` extra); neither needs the device."""
     if name == "local":
         return local_target()
+    if gpu := parse_gpu_target(name):
+        model, hosts, per_host = gpu
+        fraction = gpu_memory_fraction()
+        usable = int(model.memory_bytes * fraction)
+        source = f"{model.source}: the {fraction:.0%} of its memory JAX's GPU client takes ({MEM_FRACTION_ENV})"
+        devices = gpu_devices(model, hosts, per_host)
+        return Target(name, devices, "gpu", usable, model.bf16_flops, f"{hosts}x{per_host} {model.name}", source)
     chip, topology = parse_tpu_target(name)
     return Target(name, tpu_devices(chip, topology), "tpu", chip.hbm_bytes, chip.bf16_flops, topology, chip.source)
+
+
+def gpu_memory_fraction() -> float:
+    """The share of each GPU's memory that JAX's GPU client will allocate from: XLA_PYTHON_CLIENT_MEM_FRACTION,
+    0.75 by default, all of it under the platform allocator."""
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR", "").strip().lower() == "platform":
+        return 1.0
+    raw = os.environ.get(MEM_FRACTION_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MEM_FRACTION
+    try:
+        fraction = float(raw)
+    except ValueError:
+        raise TargetError(f"{MEM_FRACTION_ENV}={raw!r} is not a number") from None
+    if not 0 < fraction <= 1:
+        raise TargetError(f"{MEM_FRACTION_ENV}={raw!r} is not a fraction in (0, 1]")
+    return fraction
+
+
+def gpu_target_config(gpu: Gpu, cuda_build: int, cudnn_build: int) -> str:
+    """The GPU compiler's TargetConfig (text proto) for this model, with the CUDA and cuDNN versions the
+    installed plugin was built against (as CUDA encodes them: 12080 is 12.8, 90800 is 9.8.0)."""
+    major, minor = gpu.compute_capability
+    fields = {
+        "threads_per_block_limit": 1024,
+        "threads_per_warp": 32,
+        "shared_memory_per_block": 48 * 1024,
+        "shared_memory_per_core": gpu.shared_per_sm,
+        "shared_memory_per_block_optin": gpu.shared_per_block_optin,
+        "threads_per_core_limit": 2048,
+        "core_count": gpu.sms,
+        "fpus_per_core": gpu.fp32_cores_per_sm,
+        "block_dim_limit_x": 2**31 - 1,
+        "block_dim_limit_y": 65535,
+        "block_dim_limit_z": 65535,
+        "memory_bandwidth": int(gpu.bandwidth),
+        "l2_cache_size": gpu.l2_bytes,
+        "clock_rate_ghz": gpu.clock_ghz,
+        "device_memory_size": gpu.memory_bytes,
+        "registers_per_core_limit": 65536,
+        "registers_per_block_limit": 65536,
+    }
+    info = "\n".join(f"  {k}: {v}" for k, v in fields.items())
+    return (
+        f"gpu_device_info {{\n{info}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+        'platform_name: "CUDA"\n'
+        f"dnn_version_info {{ major: {cudnn_build // 10000} minor: {cudnn_build // 100 % 100} "
+        f"patch: {cudnn_build % 100} }}\n"
+        f"runtime_version {{ major: {cuda_build // 1000} minor: {cuda_build // 10 % 100} }}\n"
+        f'device_description_str: "{gpu.kind}"\n'
+    )
+
+
+def gpu_devices(gpu: Gpu, hosts: int, per_host: int) -> list[Any]:
+    """Compile-only devices of `hosts` hosts of `per_host` GPUs, through the JAX CUDA plugin, on any host."""
+    plugin = hostmem.load_cuda_plugin()
+    if plugin is None:
+        raise TargetError(
+            f"target {gpu.name}: compiling for GPUs needs the JAX CUDA plugin: pip install 'jaxft[gpu-plan]' "
+            '(or pip install "jax[cuda12-local]==<your jax version>")'
+        )
+    versions = importlib.import_module(plugin.__name__.replace("jax_plugins.xla_", "jax_") + "_plugin._versions")
+    config = gpu_target_config(gpu, versions.cuda_runtime_build_version(), versions.cudnn_build_version())
+    from jax.experimental import topologies
+
+    try:
+        with hostmem.dropping_stderr_lines():
+            desc = topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x{hosts}x{per_host}")
+    except Exception as e:  # the plugin reports a description it cannot use as a runtime error
+        raise TargetError(f"target {gpu.name}: the CUDA plugin cannot build it ({str(e).splitlines()[0]})") from None
+    return list(desc.devices)
 
 
 def tpu_devices(chip: Chip, topology: str) -> list[Any]:
@@ -155,7 +296,7 @@ def local_target() -> Target:
     else:
         hbm, source = stats.get("bytes_limit"), "the device's memory_stats()"
         kind = devices[0].device_kind
-        flops = next((f for k, f in GPU_BF16_FLOPS.items() if k in kind), None)
+        flops = next((g.bf16_flops for g in GPUS.values() if g.name.upper() in kind), None)
         if platform == "tpu":
             chip = next((c for c in CHIPS.values() if _kind_matches(c, kind)), None)
             flops = chip.bf16_flops if chip else None

@@ -553,3 +553,29 @@ def save_tiny_gemma(folder: Path, name: str) -> Path:
     if name == "gemma3":
         return save_tiny_llama(folder, Gemma3TextConfig(**GEMMA_TINY, **GEMMA3))
     return save_tiny_llama(folder, GemmaConfig(**GEMMA_TINY, num_hidden_layers=2))
+
+
+# Llama-3.1-8B's config.json: `plan --target` tests plan it from its shapes alone.
+LLAMA_31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}

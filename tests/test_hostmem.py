@@ -92,7 +92,7 @@ def test_an_installed_libtpu_without_a_tpu_neither_probes_nor_stops_tuning():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("libtpu is not installed")
     code = (
-        "import os, json\nfrom jaxft import hostmem\nwhat = hostmem.keep_jax_off_absent_tpu()\n"
+        "import os, json\nfrom jaxft import hostmem\nwhat = hostmem.keep_jax_off_absent_accelerators()\n"
         "tuned = hostmem.tune_malloc_for_xla_cpu()\nimport jax\n"
         "print(json.dumps([what, tuned, os.environ['JAX_PLATFORMS'], jax.devices()[0].platform]))"
     )
@@ -100,6 +100,8 @@ def test_an_installed_libtpu_without_a_tpu_neither_probes_nor_stops_tuning():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     what, tuned, platforms, platform = json.loads(out.stdout.strip().splitlines()[-1])
-    assert what.startswith("JAX_PLATFORMS=cpu") and platforms == "cpu" and platform == "cpu"
+    assert what.endswith("JAX_PLATFORMS=cpu: libtpu is installed but no TPU is attached"), what
+    assert platforms == "cpu" and platform == "cpu"
     assert tuned == "tuned"
     assert "TPU" not in out.stderr, out.stderr[-2000:]
+    assert "cuda" not in out.stderr.lower(), out.stderr[-2000:]  # the CUDA plugin (gpu-plan extra) is held back
