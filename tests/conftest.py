@@ -7,9 +7,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # libtpu (the test extra has it, for `plan --target`) stays quiet on this TPU-less host, as under the CLI.
-from jaxft import hostmem  # noqa: E402  (imports no jax)
+from jaxft import hostmem  # noqa: E402  (import jaxft holds the CUDA plugin back before importing jax)
 
-hostmem.keep_jax_off_absent_tpu()
+hostmem.keep_jax_off_absent_accelerators()
 # One persistent XLA cache for the session (and the CLI subprocesses it starts, which inherit the
 # environment): tests that build the same tiny model's step compile it once.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -18,6 +18,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxft-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# This process imported JAX above (through jaxft), before these variables were set: JAX reads them at import,
+# so the in-process runs get them here, before anything compiles (JAX decides once whether to use the cache).
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+)
+jax.config.update(
+    "jax_persistent_cache_min_entry_size_bytes", int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"])
+)
 
 from pathlib import Path  # noqa: E402  (the environment above comes first)
 
