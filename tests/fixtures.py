@@ -101,6 +101,46 @@ def save_tiny_bert(folder: Path, family: str = "bert", num_labels: int = 2, seed
     return copy_minilm_tokenizer(folder)
 
 
+# A tiny ViT / DeiT: 32-px images of 8-px patches (16 patches), 2 layers.
+VIT_TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=32,
+    patch_size=8,
+    num_channels=3,
+    initializer_range=0.1,  # HF's 0.02 gives logits too small for a 1e-4 comparison to mean much
+)
+VIT_CLASSES = {
+    ("vit", "classification"): ("ViTConfig", "ViTForImageClassification"),
+    ("vit", "bare"): ("ViTConfig", "ViTModel"),  # with its pooler, which a classifier does not use
+    ("deit", "classification"): ("DeiTConfig", "DeiTForImageClassification"),
+    ("deit", "teacher"): ("DeiTConfig", "DeiTForImageClassificationWithTeacher"),
+    ("deit", "bare"): ("DeiTConfig", "DeiTModel"),
+}
+
+
+def save_tiny_vit(folder: Path, family: str = "vit", head: str = "classification", num_labels: int = 3, seed: int = 0):
+    """A random tiny ViT/DeiT saved by transformers (`head`: classification, teacher (DeiT's two heads) or bare,
+    the body alone with its pooler); norms and biases randomised so their mapping is tested."""
+    import torch
+    import transformers
+
+    config_name, class_name = VIT_CLASSES[(family, head)]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**VIT_TINY, num_labels=num_labels)
+    model = getattr(transformers, class_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return folder
+
+
 LLAMA_TINY = dict(
     vocab_size=1000,
     hidden_size=64,

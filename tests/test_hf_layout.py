@@ -205,4 +205,5 @@ def test_task_class_suffixes():
         "sequence-classification": "ForSequenceClassification",
         "token-classification": "ForTokenClassification",
         "causal-lm": "ForCausalLM",
+        "image-classification": "ForImageClassification",
     }

@@ -16,6 +16,7 @@ from jaxft.models import (
     BertSpec,
     GPT2Spec,
     LlamaSpec,
+    ViTSpec,
     architecture_differences,
     build_abstract_model,
     family_for_spec,
@@ -96,7 +97,9 @@ def saved_form(spec) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
-@pytest.mark.parametrize("name, spec_class", [("bert", BertSpec), ("llama", LlamaSpec), ("gpt2", GPT2Spec)])
+@pytest.mark.parametrize(
+    "name, spec_class", [("bert", BertSpec), ("llama", LlamaSpec), ("gpt2", GPT2Spec), ("vit", ViTSpec)]
+)
 def test_family_named_and_for_spec(name, spec_class):
     family = family_named(name)
     assert family.name == name
@@ -106,7 +109,7 @@ def test_family_named_and_for_spec(name, spec_class):
 
 
 def test_family_named_unknown_lists_the_known_ones():
-    with pytest.raises(ArchitectureError, match=r"unknown model family 't5' \(known: bert, llama, gpt2\)"):
+    with pytest.raises(ArchitectureError, match=r"unknown model family 't5' \(known: bert, llama, gpt2, vit\)"):
         family_named("t5")
 
 

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models import bert_hf, gpt2_hf, llama_hf, lora
+from jaxft.models import bert_hf, gpt2_hf, llama_hf, lora, vit_hf
 from jaxft.models.bert import BertModel, BertSpec
 from jaxft.models.gpt2 import GPT2Model, GPT2Spec
 from jaxft.models.hf_layout import ArchitectureError, HFEntry, KeyRenames
 from jaxft.models.llama import LlamaModel, LlamaSpec
+from jaxft.models.vit import ViTModel, ViTSpec
 
 __all__ = [
     "ArchitectureError",
@@ -36,6 +37,8 @@ __all__ = [
     "HFEntry",
     "LlamaModel",
     "LlamaSpec",
+    "ViTModel",
+    "ViTSpec",
     "architecture_differences",
     "build_abstract_model",
     "family_for_spec",
@@ -149,6 +152,29 @@ FAMILIES: tuple[Family, ...] = (
         embedding_pattern=r"(wte|wpe)",
         layer_pattern=r"layers/{i}/.*",
         head_pattern=r"ln_f/.*",  # the LM head is tied to wte
+    ),
+    Family(
+        name="vit",
+        model_types=vit_hf.SUPPORTED_MODEL_TYPES,
+        tasks=("image-classification",),
+        spec_class=ViTSpec,
+        model_class=ViTModel,
+        read_spec=lambda hf, task, labels, dropout, scan: vit_hf.spec_from_hf_config(
+            hf, labels, dropout, scan_layers=scan
+        ),
+        hf_entry=vit_hf.hf_entry,
+        key_prefix=vit_hf.detect_prefix,
+        ignorable_keys=vit_hf.ignorable_keys,
+        renames=vit_hf.RENAMES,
+        export_prefix=vit_hf.body_prefix,
+        hf_class_name=vit_hf.hf_class_name,
+        hf_state_keys=vit_hf.hf_state_keys,
+        task_of=lambda spec: "image-classification",
+        position_limit=lambda spec: None,  # the position table is the image's patch grid, not a sequence limit
+        non_architecture=("num_labels", "dropout_rate", "attention_dropout_rate", "scan_layers"),
+        embedding_pattern=r"embeddings/.*",
+        layer_pattern=r"layers/{i}/.*",
+        head_pattern=r"(norm|classifier|cls_classifier|distillation_classifier)/.*",
     ),
 )
 

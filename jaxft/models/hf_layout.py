@@ -36,6 +36,7 @@ class Kind(enum.Enum):
     LINEAR2 = ("linear2", 2, "As LINEAR1 with two input dims (attention output: kernel [N, H, E] <- weight [E, N*H]).")
     CONV1 = ("conv1", 1, "GPT-2's Conv1D weight, already [in, out]: a plain reshape to kernel [in, out...].")
     CONV2 = ("conv2", 2, "As CONV1 with two input dims (GPT-2's attention output projection).")
+    PATCH = ("patch", 0, "A torch Conv2d patch embedding [out, in, p, p] -> kernel [p, p, in, out] (channels last).")
 
     @property
     def is_matrix(self) -> bool:
@@ -53,11 +54,15 @@ class Kind(enum.Enum):
             return tuple(shape)
         if self is Kind.FLAT:
             return (math.prod(shape),)
+        if self is Kind.PATCH:
+            return (shape[3], shape[2], shape[0], shape[1])
         fan_in, fan_out = math.prod(shape[: self.input_dims]), math.prod(shape[self.input_dims :])
         return (fan_in, fan_out) if self.value.startswith("conv") else (fan_out, fan_in)
 
     def to_jaxft(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """An HF tensor as the jaxft parameter of `shape`."""
+        if self is Kind.PATCH:
+            return np.ascontiguousarray(tensor.transpose(2, 3, 1, 0))
         if self.value.startswith("linear"):
             return np.ascontiguousarray(tensor.T).reshape(shape)
         return tensor.reshape(shape)
@@ -66,6 +71,8 @@ class Kind(enum.Enum):
         """A jaxft parameter as its HF tensor."""
         if self is Kind.COPY:
             return array
+        if self is Kind.PATCH:
+            return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
         if self is Kind.FLAT:
             return array.reshape(-1)
         matrix = array.reshape(math.prod(array.shape[: self.input_dims]), -1)
@@ -168,6 +175,8 @@ class KeyRenames:
         """The torch-style key and tensor of one msgpack leaf at `parts`."""
         for old, new, transposed in self.flax_leaves:
             if parts[-1] == old:
+                if transposed and leaf.ndim == 4:  # a Flax conv kernel [kh, kw, in, out] -> torch [out, in, kh, kw]
+                    return ".".join(parts[:-1] + [new]), np.ascontiguousarray(leaf.transpose(3, 2, 0, 1))
                 return ".".join(parts[:-1] + [new]), np.ascontiguousarray(leaf.T) if transposed else leaf
         return ".".join(parts), leaf
 
@@ -177,6 +186,7 @@ TASK_CLASS_SUFFIXES = {
     "sequence-classification": "ForSequenceClassification",
     "token-classification": "ForTokenClassification",
     "causal-lm": "ForCausalLM",
+    "image-classification": "ForImageClassification",
 }
 
 # HF's Flax models name Dense kernels [in, out], LayerNorm scales and embedding tables differently from torch.
