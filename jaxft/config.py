@@ -197,6 +197,9 @@ class DataConfig:
     # by length inside shuffled mega-batches (sequence/token classification; causal-lm with packing=false).
     # (-1,) = the powers of two from 16 up to max_length, and max_length; () = every batch padded to max_length.
     length_buckets: tuple[int, ...] = (-1,)
+    # Image models: the side of the square images fed to the model; 0 keeps the checkpoint's image_size. Another
+    # size resamples the pretrained position embeddings to its patch grid.
+    image_size: int = 0
     shuffle_seed: int = 0
     # Decoder LLMs (model.task="causal-lm"): JSONL of {"prompt", "completion"}, chat {"messages": [...]}, or
     # {"text"}; or .txt files (documents separated by blank lines).
@@ -282,6 +285,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "lora.rank",
+    "data.image_size",
     "lora.dropout",
     "train.eval_every_steps",
     "checkpoint.every_steps",

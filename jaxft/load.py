@@ -230,7 +230,7 @@ def plan_merge(
                 problems += [f"missing {k} (for {path}, expected {list(expected)})" for k in missing]
             continue
         used.update(entry.keys)
-        wrong = [k for k in entry.keys if tuple(keys[k]) != tuple(expected)]
+        wrong = [k for k in entry.keys if not entry.kind.accepts(tuple(keys[k]), tuple(expected))]
         if wrong:
             if paths.matches_any(path, new_params):  # e.g. a 2-label head reused for 3 labels
                 k = wrong[0]
@@ -239,6 +239,12 @@ def plan_merge(
                 problems += [f"mis-shaped {k}: expected {list(expected)}, found {list(keys[k])}" for k in wrong]
             continue
         plan[path] = entry
+        resized = [k for k in entry.keys if tuple(keys[k]) != tuple(expected)]
+        if resized:
+            k = resized[0]
+            log.info(
+                "%s: resampled %s %s to %s (bicubic; the special tokens kept)", path, k, list(keys[k]), list(expected)
+            )
     for key in sorted(set(keys) - used):
         if not paths.matches_any(key, ignore_unused):
             problems.append(f"unexpected {key} {list(keys[key])}")

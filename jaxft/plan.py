@@ -59,7 +59,7 @@ def build_parts(cfg: Config, devices: list | None = None) -> PlanParts:
         labels: tuple[str, ...] = ()  # an LM's head is its vocabulary: no data needed to shape it
     else:
         labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
-    folder, hf, spec = setup.read_spec(cfg.model, len(labels))
+    folder, hf, spec = setup.read_spec(cfg.model, len(labels), cfg.data.image_size)
     skeleton = setup.skeleton_of(spec, cfg, mesh, folder, hf)
     plan = setup.build_freeze_plan(skeleton, cfg)
     skeleton = setup.with_frozen_dtype(skeleton, cfg.model.frozen_dtype, plan.frozen_paths)

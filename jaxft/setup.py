@@ -74,10 +74,21 @@ class ModelSkeleton:
         return {path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(self.abstract_params)}
 
 
-def read_spec(model_cfg: ModelConfig, num_labels: int) -> tuple[Path, dict[str, Any], Any]:
-    """(pretrained folder, its config.json, the family's spec) of `model.source`; reads no weights."""
+def read_spec(model_cfg: ModelConfig, num_labels: int, image_size: int = 0) -> tuple[Path, dict[str, Any], Any]:
+    """(pretrained folder, its config.json, the family's spec) of `model.source`; reads no weights.
+
+    `image_size` (data.image_size) other than 0 sets an image model's input size: the config.json returned, which
+    an export writes, says so, and the load resamples the position table to the new patch grid."""
     folder = resolve_source(model_cfg.source)
     hf = read_hf_config(folder)
+    if image_size:
+        if "image_size" not in hf:
+            raise ConfigError(
+                f"data.image_size={image_size}: {folder} is no image model (its config has no image_size)"
+            )
+        if image_size != hf["image_size"]:
+            log.info("image size %s instead of the checkpoint's %s", image_size, hf["image_size"])
+        hf = {**hf, "image_size": image_size}
     family = models.family_of(hf, model_cfg.task)
     if num_labels <= 0:
         num_labels = model_cfg.num_labels or hf.get("num_labels") or len(hf.get("id2label", {})) or 2
@@ -113,7 +124,7 @@ def skeleton_of(
 def build_model(cfg: Config, mesh: Mesh, num_labels: int = 0) -> ModelSkeleton:
     """The skeleton of cfg's pretrained model on `mesh`, from its config.json and checkpoint index: no weights read.
     `num_labels` (the data's label count) sizes a classifier head; 0 takes it from the config or checkpoint."""
-    folder, hf, spec = read_spec(cfg.model, num_labels)
+    folder, hf, spec = read_spec(cfg.model, num_labels, cfg.data.image_size)
     checkpoint = open_checkpoint(folder, models.family_for_spec(spec).renames)
     return skeleton_of(spec, cfg, mesh, folder, hf, source_identity(folder, checkpoint, cfg.load.hash_files))
 
@@ -224,10 +235,14 @@ def load_model(
     mesh: Mesh | None = None,
     new_params: tuple[str, ...] | None = None,
     scan_layers: bool = True,
+    image_size: int = 0,
 ) -> nnx.Module:
     """The NNX model with pretrained weights (`jaxft.load`). Encoders: `model(input_ids=..., attention_mask=...,
     token_type_ids=...)` gives logits [B, C] (or [B, L, C]); decoders (task="causal-lm"): `model(input_ids=...)`
     gives logits [B, L, V].
+
+    Image models (task="image-classification"): `model(pixel_values=...)` [B, C, H, W] gives logits [B, C];
+    `image_size` other than the checkpoint's resamples its position table to the new patch grid.
 
     dtype is the compute dtype (parameters stay fp32). With no mesh, parameters are replicated over all
     local devices' data axis. A missing head is initialised fresh and logged.
@@ -235,7 +250,7 @@ def load_model(
     mesh = mesh if mesh is not None else mesh_lib.build_mesh(MeshConfig())
     model_cfg = ModelConfig(source=path_or_hub_id, task=task, num_labels=num_labels, scan_layers=scan_layers)
     cfg = Config(model=model_cfg, load=LoadConfig() if new_params is None else LoadConfig(new_params=new_params))
-    folder, hf, spec = read_spec(cfg.model, num_labels)
+    folder, hf, spec = read_spec(cfg.model, num_labels, image_size)
     skeleton = skeleton_of(spec, cfg, mesh, folder, hf)
     params = load_weights(skeleton, cfg.model, cfg.load)
     return nnx.merge(skeleton.graphdef, params).configure(jnp.dtype(dtype))

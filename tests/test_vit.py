@@ -97,3 +97,52 @@ def test_state_keys_are_the_ones_transformers_saves(tmp_path):
         assert vit_hf.hf_state_keys(model.spec, f"{family}.") == saved, (family, head)
         torch_model = transformers.AutoModelForImageClassification.from_pretrained(folder)
         assert vit_hf.hf_class_name(model.spec, family) == type(torch_model).__name__
+
+
+@pytest.mark.parametrize("family", ["vit", "deit"])
+def test_a_new_image_size_resamples_the_position_grid_and_transformers_agrees(tmp_path, family, caplog):
+    """32-px checkpoints (4 x 4 patches) run at 48 px (6 x 6): the special tokens' rows are kept, the grid is
+    resampled at load, and transformers, given the resampled table and the new size, computes the same logits."""
+    import logging
+
+    folder = save_tiny_vit(tmp_path / "model", family, "classification")
+    with caplog.at_level(logging.INFO, logger="jaxft"):
+        model = jaxft.load(str(folder), task="image-classification", image_size=48)
+    special = 2 if family == "deit" else 1
+    assert "resampled" in caplog.text and f"[1, {special + 16}, 32] to [1, {special + 36}, 32]" in caplog.text
+    table = np.array(model.embeddings.position_embeddings[...])
+    assert table.shape == (1, special + 36, 32)
+    theirs = transformers.AutoModelForImageClassification.from_pretrained(folder).eval()
+    np.testing.assert_array_equal(  # the [CLS] (and distillation) rows as they were
+        table[0, :special], theirs.base_model.embeddings.position_embeddings.detach().numpy()[0, :special]
+    )
+    config = transformers.AutoConfig.from_pretrained(folder)
+    config.image_size = 48
+    resized = transformers.AutoModelForImageClassification.from_config(config).eval()
+    state = {k: v for k, v in theirs.state_dict().items() if "position_embeddings" not in k}
+    state[f"{family}.embeddings.position_embeddings"] = torch.from_numpy(table)
+    resized.load_state_dict(state)
+    x = pixels(size=48)
+    with torch.no_grad():
+        want = resized(pixel_values=torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model(pixel_values=x)), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_grid_resample_keeps_a_smooth_table_smooth():
+    from jaxft.models.hf_layout import grid_split, resample_grid
+
+    assert grid_split(197) == (1, 14) and grid_split(198) == (2, 14) and grid_split(200) is None
+    side = np.linspace(0, 1, 4, dtype=np.float32)
+    grid = (side[:, None] + 2 * side[None, :])[..., None] * np.ones((1, 1, 3), np.float32)  # a plane in (y, x)
+    table = np.concatenate([np.full((1, 3), 7.0, np.float32), grid.reshape(16, 3)])[None]
+    out = resample_grid(table, (1, 1 + 64, 3))
+    assert out.shape == (1, 65, 3) and np.all(out[0, 0] == 7.0)
+    plane = out[0, 1:].reshape(8, 8, 3)[..., 0]
+    assert np.all(np.diff(plane, axis=0) > 0) and np.all(np.diff(plane, axis=1) > 0)  # still increasing both ways
+
+
+def test_an_image_size_for_a_text_model_is_refused(tiny_bert):
+    from jaxft.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no image model"):
+        jaxft.load(str(tiny_bert), image_size=64)

@@ -37,6 +37,12 @@ class Kind(enum.Enum):
     CONV1 = ("conv1", 1, "GPT-2's Conv1D weight, already [in, out]: a plain reshape to kernel [in, out...].")
     CONV2 = ("conv2", 2, "As CONV1 with two input dims (GPT-2's attention output projection).")
     PATCH = ("patch", 0, "A torch Conv2d patch embedding [out, in, p, p] -> kernel [p, p, in, out] (channels last).")
+    GRID = (
+        "grid",
+        0,
+        "A ViT position table [1, S + g*g, E] (S special tokens, then a g x g patch grid): copied, or, when the "
+        "model's grid differs from the checkpoint's, the grid resampled bicubically and the S rows kept.",
+    )
 
     @property
     def is_matrix(self) -> bool:
@@ -48,9 +54,15 @@ class Kind(enum.Enum):
         """ "linear" or "conv" for matrices (PEFT's fan_in_fan_out tells them apart), "" otherwise."""
         return self.value.rstrip("12") if self.is_matrix else ""
 
+    def accepts(self, found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+        """Whether an HF tensor of shape `found` can hold a parameter whose HF shape is `expected`."""
+        if self is Kind.GRID and len(found) == len(expected) == 3:
+            return found[0] == expected[0] and found[2] == expected[2] and grid_split(found[1]) is not None
+        return tuple(found) == tuple(expected)
+
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The HF tensor shape that holds a jaxft parameter of `shape`."""
-        if self is Kind.COPY:
+        if self in (Kind.COPY, Kind.GRID):
             return tuple(shape)
         if self is Kind.FLAT:
             return (math.prod(shape),)
@@ -61,6 +73,8 @@ class Kind(enum.Enum):
 
     def to_jaxft(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         """An HF tensor as the jaxft parameter of `shape`."""
+        if self is Kind.GRID:
+            return tensor if tuple(tensor.shape) == tuple(shape) else resample_grid(tensor, shape)
         if self is Kind.PATCH:
             return np.ascontiguousarray(tensor.transpose(2, 3, 1, 0))
         if self.value.startswith("linear"):
@@ -69,7 +83,7 @@ class Kind(enum.Enum):
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
         """A jaxft parameter as its HF tensor."""
-        if self is Kind.COPY:
+        if self in (Kind.COPY, Kind.GRID):
             return array
         if self is Kind.PATCH:
             return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
@@ -77,6 +91,29 @@ class Kind(enum.Enum):
             return array.reshape(-1)
         matrix = array.reshape(math.prod(array.shape[: self.input_dims]), -1)
         return matrix if self.value.startswith("conv") else np.ascontiguousarray(matrix.T)
+
+
+def grid_split(tokens: int) -> tuple[int, int] | None:
+    """(special tokens, grid side) of a position table of `tokens` rows: 1 or 2 special rows ([CLS], DeiT's
+    distillation token) before a square grid; None when no such split exists."""
+    side = math.isqrt(max(tokens - 1, 0))
+    special = tokens - side * side
+    return (special, side) if side > 1 and special in (1, 2) else None
+
+
+def resample_grid(table: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A [1, S + g*g, E] position table as [1, S + h*h, E]: the S special rows kept, the g x g grid resized to
+    h x h by bicubic interpolation (jax.image.resize, Keys' cubic, antialiased when shrinking)."""
+    import jax
+
+    (special, side), (new_special, new_side) = grid_split(table.shape[1]), grid_split(shape[1])
+    if special != new_special:
+        raise ValueError(f"position table of {special} special tokens, the model has {new_special}")
+    grid = table[0, special:].reshape(side, side, table.shape[2])
+    with jax.default_device(jax.devices("cpu")[0]):
+        resized = np.asarray(jax.image.resize(grid.astype(np.float32), (new_side, new_side, grid.shape[2]), "bicubic"))
+    out = np.concatenate([table[0, :special].astype(np.float32), resized.reshape(new_side * new_side, -1)])
+    return out[None].astype(table.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

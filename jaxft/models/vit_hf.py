@@ -21,12 +21,12 @@ from jaxft.models.hf_layout import (
 from jaxft.models.layers import ACTIVATIONS
 from jaxft.models.vit import ViTSpec
 
-COPY, FLAT, LINEAR1, LINEAR2, PATCH = Kind.COPY, Kind.FLAT, Kind.LINEAR1, Kind.LINEAR2, Kind.PATCH
+COPY, FLAT, LINEAR1, LINEAR2, PATCH, GRID = Kind.COPY, Kind.FLAT, Kind.LINEAR1, Kind.LINEAR2, Kind.PATCH, Kind.GRID
 # Rows of the body, whose keys carry the body prefix ("vit.", "deit.") in task checkpoints.
 GLOBAL_TABLE = (
     (r"embeddings/cls_token", "embeddings.cls_token", COPY),
     (r"embeddings/distillation_token", "embeddings.distillation_token", COPY),
-    (r"embeddings/position_embeddings", "embeddings.position_embeddings", COPY),
+    (r"embeddings/position_embeddings", "embeddings.position_embeddings", GRID),  # resampled to data.image_size
     (r"embeddings/patch/kernel", "embeddings.patch_embeddings.projection.weight", PATCH),
     (r"embeddings/patch/bias", "embeddings.patch_embeddings.projection.bias", COPY),
     (r"norm/scale", "layernorm.weight", COPY),
