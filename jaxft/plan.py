@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import jax
+import jax.extend
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh

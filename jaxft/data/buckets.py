@@ -22,17 +22,21 @@ def bucket_for(longest: int, buckets: Sequence[int]) -> int:
     return buckets[min(bisect.bisect_left(buckets, longest), len(buckets) - 1)]
 
 
-def grouped_batches(lengths: np.ndarray, size: int, seed: int) -> grain.MapDataset:
+def grouped_batches(lengths: np.ndarray, size: int, seed: int, buckets: Sequence[int]) -> grain.MapDataset:
     """Element k: the example indices (`size` of them) of global batch k, over an endless stream of epochs.
 
     Each epoch is a seeded permutation of every example (numpy's, from (seed, epoch): a million examples take
-    milliseconds), cut into mega-batches of GROUP_BATCHES × size examples, each sorted by length and cut into
-    batch-sized blocks taken in a random order: so one batch holds similar lengths, every example is seen once
-    per epoch, and batch k depends on (seed, k) alone (a resume at batch k continues exactly). grain's iterator
-    over it is what is checkpointed.
+    milliseconds), cut into mega-batches of GROUP_BATCHES × size examples, each grouped by bucket and cut into
+    batch-sized blocks taken in a random order: so one batch holds rows of one bucket (or of two neighbouring
+    ones), every example is seen once per epoch, and batch k depends on (seed, k) alone (a resume at batch k
+    continues exactly). grain's iterator over it is what is checkpointed.
+
+    Rows are grouped by their bucket, not sorted by their length: a batch is padded to its bucket either way,
+    and inside a bucket the rows stay in the permutation's random order instead of running from long to short.
     """
     n = len(lengths)
     group = GROUP_BATCHES * size
+    bucket_of = np.minimum(np.searchsorted(np.asarray(buckets), lengths, side="left"), len(buckets) - 1)
 
     @functools.lru_cache(maxsize=2)
     def epoch_order(epoch: int) -> np.ndarray:
@@ -41,7 +45,7 @@ def grouped_batches(lengths: np.ndarray, size: int, seed: int) -> grain.MapDatas
         out = []
         for start in range(0, n, group):
             chunk = perm[start : start + group]
-            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+            chunk = chunk[np.argsort(-bucket_of[chunk], kind="stable")]  # the permutation's order within a bucket
             # The batch-sized blocks of a sorted mega-batch go in a random order: sorted alone, every mega-batch
             # (on a small dataset, every epoch) would run from its longest rows to its shortest.
             full = len(chunk) // size * size

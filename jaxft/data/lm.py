@@ -439,7 +439,7 @@ def _bucketed_rows(source, encoder: LMEncoder, size: int, mine: list[int], seed:
         picked = [pad_row(rows_of(int(example[r]))[int(part[r])], length) for r in index[mine]]
         return {k: np.stack([row[k] for row in picked]) for k in picked[0]}
 
-    return grouped_batches(lengths, size, seed).map(encode)
+    return grouped_batches(lengths, size, seed, buckets).map(encode)
 
 
 def iter_lm_eval_batches(

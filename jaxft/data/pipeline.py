@@ -186,7 +186,7 @@ def build_train_dataset(
         length = bucket_lib.bucket_for(int(lengths[index].max()), buckets)
         return encoder([source[int(index[i])] for i in mine], length)
 
-    return bucket_lib.grouped_batches(lengths, size, seed).map(encode)
+    return bucket_lib.grouped_batches(lengths, size, seed, buckets).map(encode)
 
 
 def iter_eval_batches(
