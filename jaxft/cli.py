@@ -244,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     distributed.add_launch_flags(p)
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("predict", help='label a JSONL file of {"text": ...} with a run\'s latest checkpoint')
+    p = sub.add_parser(
+        "predict",
+        help='label a JSONL file of {"text": ...} (image classifiers: {"image": path}, or a folder of images) '
+        "with a run's latest checkpoint",
+    )
     p.add_argument("run_dir")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)

@@ -83,9 +83,11 @@ def jit_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, task: str = "sequence-clas
     return CountingJit(fn, out_shardings=replicated(mesh))
 
 
-def jit_predict_step(graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh) -> CountingJit:
-    fn = functools.partial(step_lib.predict_step, graphdef=graphdef)
-    fields = ("input_ids", "attention_mask", "token_type_ids")
+def jit_predict_step(
+    graphdef: nnx.GraphDef, param_shardings: Any, mesh: Mesh, task: str = "sequence-classification"
+) -> CountingJit:
+    fn = functools.partial(step_lib.predict_step, graphdef=graphdef, task=task)
+    fields = step_lib.PREDICT_FIELDS.get(task, ("input_ids", "attention_mask", "token_type_ids"))
     return CountingJit(
         # Replicated out: every process gets the whole batch's probabilities (a few KiB).
         fn,

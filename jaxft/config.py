@@ -96,6 +96,10 @@ class LoraConfig:
 class LoadConfig:
     # Parameters allowed to keep their fresh init (a new head). Anything else missing is an error.
     new_params: tuple[str, ...] = (r"classifier/.*",)
+    # Parameters initialised fresh even where the checkpoint holds them (a recipe's new head), and fresh
+    # parameters that start at zero rather than their random init (big_vision's zero-init head).
+    reinit_params: tuple[str, ...] = ()
+    zero_init_params: tuple[str, ...] = ()
     # Checkpoint tensors that may be present but unused (e.g. a pretraining head).
     ignore_unused: tuple[str, ...] = (r"cls\..*", r"lm_head\..*", r".*position_ids")
     # Record each pretrained file's sha256 with the run (a resume warns when they changed, and an adapter-only
@@ -181,7 +185,8 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # "reviews" (bundled), "files" (your JSONL/CSV via train_files/eval_files), or a tfds name like "glue/sst2".
+    # "reviews" (bundled), "files" (your JSONL/CSV via train_files/eval_files), "imagefolder" (train_dir/eval_dir,
+    # one subfolder of images per class), or a tfds name like "glue/sst2" or "oxford_flowers102".
     dataset: str = "reviews"
     data_dir: str = ""  # tfds data_dir ("" = RUN_DIR/tfds for files/reviews, tfds default otherwise)
     train_files: tuple[str, ...] = ()
@@ -200,6 +205,30 @@ class DataConfig:
     # Image models: the side of the square images fed to the model; 0 keeps the checkpoint's image_size. Another
     # size resamples the pretrained position embeddings to its patch grid.
     image_size: int = 0
+    # Image classification. data.dataset="imagefolder": the folders holding one subfolder per class (the class
+    # names, sorted, are the labels unless label_names orders them); "files": rows of {image_column: path
+    # (relative to the file), label_column: label}.
+    train_dir: str = ""
+    eval_dir: str = _resumable("")
+    image_column: str = "image"
+    bad_images: str = "error"  # an unreadable or truncated image: "error" names it and stops; "skip" counts it
+    # Train augmentation: an inception-style random resized crop (the crop's share of the image's area, and its
+    # aspect-ratio range), a horizontal flip (false where a flip changes the label), RandAugment-style ops
+    # (randaugment_ops ops per image at randaugment_magnitude of 10; 0 ops = off), and mixup / cutmix (Beta
+    # alphas; 0 = off; with both, each pair of images takes one of the two).
+    crop_scale: tuple[float, ...] = (0.08, 1.0)
+    crop_ratio: tuple[float, ...] = (0.75, 4 / 3)
+    flip: bool = True
+    randaugment_ops: int = 0
+    randaugment_magnitude: int = 9
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    # Eval: the shorter side resized to image_size / crop_fraction, then the centre image_size square.
+    crop_fraction: float = _resumable(0.875)
+    # Normalisation; () = the checkpoint's preprocessor_config.json (0.5, 0.5, 0.5 without one).
+    image_mean: tuple[float, ...] = ()
+    image_std: tuple[float, ...] = ()
+    workers: int = _resumable(0)  # threads that decode and augment images (0 = one per CPU core, at most 16)
     shuffle_seed: int = 0
     # Decoder LLMs (model.task="causal-lm"): JSONL of {"prompt", "completion"}, chat {"messages": [...]}, or
     # {"text"}; or .txt files (documents separated by blank lines).
@@ -252,7 +281,7 @@ class Config:
 
 
 _CHOICES = {
-    "model.task": ("sequence-classification", "token-classification", "causal-lm"),
+    "model.task": ("sequence-classification", "token-classification", "causal-lm", "image-classification"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
     "model.frozen_dtype": ("", "float32", "bfloat16"),
@@ -262,6 +291,7 @@ _CHOICES = {
     "checkpoint.keep_best_mode": ("auto", "min", "max"),
     "train.nonfinite": ("halt", "skip"),
     "data.truncation": ("error", "left", "drop"),
+    "data.bad_images": ("error", "skip"),
     "checkpoint.keep_best_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity"),
     "train.early_stopping_metric": ("", "eval_loss", "eval_accuracy", "eval_macro_f1", "eval_perplexity"),
 }
@@ -271,6 +301,7 @@ EVAL_METRICS = {
     "sequence-classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
     "token-classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
     "causal-lm": ("eval_loss", "eval_accuracy", "eval_perplexity"),
+    "image-classification": ("eval_loss", "eval_accuracy", "eval_macro_f1"),
 }
 _POSITIVE = (
     "train.max_steps",
@@ -286,6 +317,11 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "lora.rank",
     "data.image_size",
+    "data.randaugment_ops",
+    "data.randaugment_magnitude",
+    "data.mixup_alpha",
+    "data.cutmix_alpha",
+    "data.workers",
     "lora.dropout",
     "train.eval_every_steps",
     "checkpoint.every_steps",
@@ -408,12 +444,36 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.data.dataset == "files" and not cfg.data.train_files:
         raise ConfigError("data.train_files: required when data.dataset='files'")
+    _check_images(cfg)
     _check_early_stopping(cfg)
     length_buckets(cfg.data)
     unknown = [sink for sink in cfg.train.report_to if sink not in SINKS]
     if unknown:
         raise ConfigError(f"train.report_to: unknown sink {unknown[0]!r} (known: {', '.join(SINKS)})")
     return cfg
+
+
+def _check_images(cfg: Config) -> None:
+    data = cfg.data
+    if data.dataset == "imagefolder":
+        if cfg.model.task != "image-classification":
+            raise ConfigError("data.dataset='imagefolder' is for model.task='image-classification'")
+        if not data.train_dir:
+            raise ConfigError("data.train_dir: required when data.dataset='imagefolder'")
+    if cfg.model.task != "image-classification":
+        return
+    for key, low, high in (("crop_scale", 0.0, 1.0), ("crop_ratio", 0.0, float("inf"))):
+        pair = getattr(data, key)
+        if len(pair) != 2 or not low < pair[0] <= pair[1] <= high:
+            raise ConfigError(f"data.{key}: expected [min, max] with {low} < min <= max <= {high}, got {list(pair)}")
+    if not 0.0 < data.crop_fraction <= 1.0:
+        raise ConfigError(f"data.crop_fraction: must be in (0, 1], got {data.crop_fraction}")
+    if data.randaugment_magnitude > 10:
+        raise ConfigError(f"data.randaugment_magnitude: must be 0 to 10, got {data.randaugment_magnitude}")
+    for key in ("image_mean", "image_std"):
+        values = getattr(data, key)
+        if values and (len(values) != 3 or (key == "image_std" and min(values) <= 0)):
+            raise ConfigError(f"data.{key}: expected 3 values (one per RGB channel), got {list(values)}")
 
 
 def length_buckets(data: DataConfig) -> tuple[int, ...]:

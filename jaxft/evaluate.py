@@ -23,7 +23,8 @@ from jaxft.run_dir import restore_run
 
 def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
     """Loss and accuracy over all weighted examples (tokens for token and LM tasks). Classification adds
-    macro-F1, the mean per-class F1 over every class in the labels or the predictions, and the confusion counts
+    macro-F1, the mean per-class F1 over every class in the labels or the predictions, top-5 accuracy (image
+    classification with 5 classes or more), and the confusion counts
     (`eval_confusion[true][predicted]`, up to step.MAX_CONFUSION_CLASSES classes); a causal LM adds perplexity,
     exp of the per-token loss."""
     count = max(float(totals["count"]), 1.0)
@@ -38,6 +39,8 @@ def summarize(totals: dict[str, np.ndarray]) -> dict[str, float]:
     present = (predicted + true) > 0
     f1 = np.where(present, 2 * tp / np.maximum(predicted + true, 1e-12), 0.0)
     out["eval_macro_f1"] = float(f1[present].mean()) if present.any() else 0.0
+    if "top5_correct" in totals:  # image classification with 5 classes or more
+        out["eval_top5_accuracy"] = float(totals["top5_correct"]) / count
     if "confusion" in totals:  # [true][predicted] example (token) counts
         out["eval_confusion"] = np.asarray(totals["confusion"]).round().astype(int).tolist()
     return out
@@ -77,14 +80,24 @@ def classification_batches(
 
 
 def labelled_batches(cfg: Any, meta: dict[str, Any], folder: Path, rows: mesh_lib.BatchRows):
-    """A classification run's eval batches, with the run's label set."""
-    sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
+    """A classification run's eval batches, with the run's label set (images: through the run's eval transform)."""
+    images = cfg.model.task == "image-classification"
+    if images:
+        from jaxft.data import image_pipeline
+        from jaxft.data.images import EvalTransform
+
+        sources: Any = image_pipeline.open_image_sources(cfg.data)
+    else:
+        sources = pipeline.open_sources(cfg.data, task=cfg.model.task)
     if sources.eval is None:
         raise pipeline.DataError(f"data.eval_split: {cfg.data.eval_split!r} is not a split of {cfg.data.dataset}")
     if list(sources.label_names) != list(meta["label_names"]):
         raise pipeline.DataError(
             f"data: labels {list(sources.label_names)} differ from the run's {meta['label_names']}"
         )
+    if images:
+        transform, threads = EvalTransform.from_record(meta["images"]), image_pipeline.workers(cfg.data)
+        return lambda: image_pipeline.iter_eval_batches(sources, transform, rows, threads)
     encoder = pipeline.Encoder(folder, cfg.data.max_length, sources)
     return classification_batches(sources.eval, encoder, rows, length_buckets(cfg.data))
 

@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxft.checkpoint import RunCheckpointError
 from jaxft.config import from_dict
+from jaxft.data.images import EvalTransform
 from jaxft.load import CheckpointError
 from jaxft.models import Family, family_for_spec, lora
 from jaxft.models.hf_layout import Kind
@@ -56,6 +57,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+PREPROCESSOR_CONFIG = "preprocessor_config.json"  # an image model's processor, as AutoImageProcessor reads it
 # A decoder's sampling defaults (eos ids, temperature) travel with the model, not with an adapter.
 GENERATION_FILES = ("generation_config.json",)
 
@@ -145,6 +147,9 @@ def export_run(
         config = make_hf_config(meta, spec, dtype)
         decoder = family_for_spec(spec).is_decoder
         layout = dict(copied=TOKENIZER_FILES + (GENERATION_FILES if decoder else ()))
+        if "images" in meta:  # an image classifier: its eval transform, for AutoImageProcessor, and no tokenizer
+            transform = EvalTransform.from_record(meta["images"])
+            layout = dict(copied=(), written={PREPROCESSOR_CONFIG: transform.preprocessor_config()})
     arrays = iter_hf_arrays(params, tensors)
     _on_process0(
         lambda: write_folder(out_dir, tensors, arrays, config, source, max_shard_bytes, **layout), drain=arrays
@@ -416,10 +421,12 @@ def write_folder(
     config_name: str = "config.json",
     weights_stem: str = "model",
     copied: tuple[str, ...] = TOKENIZER_FILES,
+    written: dict[str, Any] | None = None,
 ) -> None:
     """Builds the folder in a temporary sibling and renames it into place; a failure removes the sibling.
-    `copied` names the pretrained folder's files that go along (whichever of them exist)."""
-    if not source.is_dir():
+    `copied` names the pretrained folder's files that go along (whichever of them exist); `written` maps more
+    file names to the JSON they hold."""
+    if copied and not source.is_dir():
         raise ExportError(f"{source}: the run's pretrained folder is gone; its tokenizer files are needed")
     check_out_dir(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -428,10 +435,12 @@ def write_folder(
         tmp.mkdir()  # not mkdtemp: that one is private (0700), and this folder becomes the export
         write_weights(tmp, tensors, arrays, max_shard_bytes, weights_stem)
         (tmp / config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, content in (written or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         present = [n for n in copied if (source / n).is_file()]
         for name in present:
             shutil.copyfile(source / name, tmp / name)
-        if not any(n in TOKENIZER_FILES for n in present):
+        if copied and not any(n in TOKENIZER_FILES for n in present):
             log.warning("%s: no tokenizer files to copy; the export has weights and config only", source)
         os.replace(tmp, out_dir)  # replaces only a missing or empty folder, so nothing is ever overwritten
     except BaseException as e:

@@ -175,8 +175,9 @@ class Cadence:
     log_every: int
     eval_every: int
     save_every: int
-    tokens_per_step: int
+    tokens_per_step: int  # the step's size when its metrics do not say (tokens; images for image tasks)
     save_at_eval: bool = False  # early stopping: every eval saves too, so the best eval has its checkpoint
+    unit: str = "tokens"  # what a step's size counts: "tokens" (with padding figures) or "images"
 
 
 class Progress:
@@ -206,7 +207,7 @@ class Progress:
         elif self.main:
             parts = [
                 f"{k}={record[k]:.4g}"
-                for k in ("loss", "learning_rate", "tokens_per_sec", "eval_loss", "eval_accuracy")
+                for k in ("loss", "learning_rate", "tokens_per_sec", "images_per_sec", "eval_loss", "eval_accuracy")
                 if k in record
             ]
             print(f"step {record['step']}: " + " ".join(parts), flush=True)
@@ -239,14 +240,15 @@ class _Emitter:
             host.pop(k, None)
         host["skipped_steps"] = self.nonfinite.skipped
         seconds = max(time.perf_counter() - self.last_time, 1e-9)
-        record = {
-            "step": step,
-            **host,
-            "tokens_per_sec": self.padded / seconds,  # every token the step computed on, padding included
-            "real_tokens_per_sec": self.real / seconds,
-            "padding_fraction": 1.0 - self.real / max(self.padded, 1.0),
-            **(extra or {}),
-        }
+        if self.cadence.unit == "tokens":
+            rates = {
+                "tokens_per_sec": self.padded / seconds,  # every token the step computed on, padding included
+                "real_tokens_per_sec": self.real / seconds,
+                "padding_fraction": 1.0 - self.real / max(self.padded, 1.0),
+            }
+        else:
+            rates = {f"{self.cadence.unit}_per_sec": self.padded / seconds}
+        record = {"step": step, **host, **rates, **(extra or {})}
         self.last_time, self.last_step = time.perf_counter(), step
         self.padded, self.real = 0.0, 0.0
         self.hooks.write_metrics(record)

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxft import freeze, hostmem, optim, setup, targets
 from jaxft import mesh as mesh_lib
 from jaxft.config import Config
-from jaxft.data import pipeline
+from jaxft.data import image_pipeline, pipeline
 from jaxft.paths import path_str
 
 
@@ -58,6 +58,8 @@ def build_parts(cfg: Config, devices: list | None = None) -> PlanParts:
     mesh = setup.build_mesh(cfg, devices)
     if cfg.model.task == "causal-lm":
         labels: tuple[str, ...] = ()  # an LM's head is its vocabulary: no data needed to shape it
+    elif cfg.model.task == "image-classification":
+        labels = image_pipeline.open_image_sources(cfg.data, need_eval=False).label_names
     else:
         labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
     folder, hf, spec = setup.read_spec(cfg.model, len(labels), cfg.data.image_size)
@@ -130,7 +132,7 @@ def compile_train_step(parts: PlanParts) -> dict[str, Any]:
     cfg, layout, mesh = parts.cfg, parts.layout, parts.mesh
     graphdef = setup.configured_graphdef(parts.skeleton, cfg.model)
     step = setup.jit_train_step(graphdef, layout, parts.schedule, cfg, mesh)
-    traced = step.trace(*setup.abstract_train_args(layout, cfg, mesh))
+    traced = step.trace(*setup.abstract_train_args(layout, mesh))
     lowered = traced.lower()
     program = lowered.as_text()
     flops = matmul_flops(traced.jaxpr) / mesh.size or None
@@ -145,7 +147,7 @@ def compile_train_step(parts: PlanParts) -> dict[str, Any]:
         needed = _out_of_memory(str(e))
         if needed is None:
             raise
-        abstract = jax.tree.leaves(setup.abstract_train_args(layout, cfg, mesh))
+        abstract = jax.tree.leaves(setup.abstract_train_args(layout, mesh))
         args = sum(_shard_bytes(x.shape, x.dtype, x.sharding.spec, mesh) for x in abstract)
         out["attention"] = setup.attention_implementation(program)
         per_device = {"argument_bytes": args, "output_bytes": None, "alias_bytes": None, "temp_bytes": needed[0]}

@@ -22,12 +22,18 @@ def predict_file(
     run_dir: Path, input_path: Path, output_path: Path, batch_size: int = 32, step: int | None = None
 ) -> int:
     """Writes each input line with `label` and `probs` added (token tasks: `labels` and `probs` per
-    whitespace word); the output file appears only when complete."""
+    whitespace word; image classifiers: lines of {"image": path}, or every image under a folder); the output file
+    appears only when complete."""
     meta = read_run(run_dir)  # fail on a wrong run dir before reading anything else
-    if meta["config"].get("model", {}).get("task") == "causal-lm":
+    task = meta["config"].get("model", {}).get("task")
+    if task == "causal-lm":
         raise DataError(f"{run_dir}: predict labels text with a classifier; this run is a causal LM")
     if output_path.resolve() == input_path.resolve():
         raise DataError(f"{output_path}: output would overwrite the input")
+    if task == "image-classification":
+        return predict_images(run_dir, input_path, output_path, batch_size, step)
+    if input_path.is_dir():
+        raise DataError(f"{input_path}: a folder of images is input for an image classifier; this run labels text")
     records = [r for _, r in read_records(input_path)]
     for i, r in enumerate(records, start=1):
         if not isinstance(r.get("text"), str):
@@ -71,6 +77,65 @@ def predict_file(
             outputs.append(
                 _word_outputs(measured.word_ids(i), probs[i], labels) if token_level else _output(probs[i], labels)
             )
+    if jax.process_index() == 0:
+        _write_atomically(output_path, records, outputs)
+    return len(records)
+
+
+def image_inputs(input_path: Path) -> tuple[list[dict], list[Path]]:
+    """The records and image paths of `--input`: every image under a folder (sorted, as {"image": path}), or the
+    lines of a JSONL/CSV file with an "image" path (relative to the file's folder)."""
+    from jaxft.data.image_builders import is_image
+
+    if input_path.is_dir():
+        paths = sorted(p for p in input_path.rglob("*") if is_image(p))
+        if not paths:
+            raise DataError(f"{input_path}: no images under this folder")
+        return [{"image": str(p)} for p in paths], paths
+    records, paths = [], []
+    for i, r in read_records(input_path):
+        if not isinstance(r.get("image"), str):
+            raise DataError(f'{input_path}:{i}: each line needs a string "image" field (the image\'s path)')
+        path = Path(r["image"]).expanduser()
+        path = path if path.is_absolute() else input_path.parent / path
+        if not path.is_file():
+            raise DataError(f"{input_path}:{i}: image {path} does not exist")
+        records.append(r)
+        paths.append(path)
+    if not records:
+        raise DataError(f"{input_path}: no input lines")
+    return records, paths
+
+
+def predict_images(run_dir: Path, input_path: Path, output_path: Path, batch_size: int, step: int | None) -> int:
+    """Labels images with an image classifier, through the eval transform the run recorded."""
+    from jaxft.data import image_pipeline, images
+
+    records, paths = image_inputs(input_path)
+    run = restore_run(run_dir, step)
+    params, meta, mesh = run.params, run.meta, run.mesh
+    transform = images.EvalTransform.from_record(meta["images"])
+    dp = mesh_lib.data_parallel_size(mesh)
+    rows = mesh_lib.batch_rows(mesh, -(-batch_size // dp) * dp)  # this process decodes its rows of each batch
+    fn = compile.jit_predict_step(
+        run.graphdef, jax.tree.map(lambda x: x.sharding, params), mesh, task="image-classification"
+    )
+
+    def read(i: int) -> tuple[object, int]:
+        try:
+            return images.decode_rgb(paths[i].read_bytes()), 0
+        except images.ImageDecodeError as e:
+            raise DataError(f"{paths[i]}: unreadable image ({e})") from None
+
+    threads = image_pipeline.workers(from_dict(meta["config"]).data)
+    outputs = []
+    for start, batch in zip(
+        range(0, len(records), rows.size),
+        image_pipeline.iter_image_batches(len(records), read, transform, rows, threads),
+    ):
+        pixels = mesh_lib.make_global_batch({"pixel_values": batch["pixel_values"]}, mesh, rows)
+        probs = np.asarray(jax.device_get(fn(params, pixels)))  # every process holds the whole batch's
+        outputs += [_output(probs[i], meta["label_names"]) for i in range(min(rows.size, len(records) - start))]
     if jax.process_index() == 0:
         _write_atomically(output_path, records, outputs)
     return len(records)

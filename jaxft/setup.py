@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -164,21 +165,32 @@ def configured_graphdef(skeleton: ModelSkeleton, model_cfg: ModelConfig) -> nnx.
 
 def load_weights(skeleton: ModelSkeleton, model_cfg: ModelConfig, load_cfg: LoadConfig, seed: int = 0) -> nnx.State:
     """The pretrained tensors merged into the skeleton's parameters, each placed in its sharding as it is read;
-    parameters on load.new_params (and LoRA adapters) that the checkpoint lacks are initialised from `seed`."""
+    parameters on load.new_params (and LoRA adapters) that the checkpoint lacks, and those on load.reinit_params,
+    are initialised from `seed` (those on load.zero_init_params to zeros)."""
     family, spec = skeleton.family, skeleton.spec
-    new_params = load_cfg.new_params + ((lora_lib.ADAPTER_PARAMS,) if skeleton.lora else ())
+    new_params = load_cfg.new_params + load_cfg.reinit_params + ((lora_lib.ADAPTER_PARAMS,) if skeleton.lora else ())
     source = open_checkpoint(skeleton.folder, family.renames)
     prefix = family.key_prefix(spec, skeleton.hf_config, set(source.shapes))
+    reinit = [p for p in skeleton.param_shapes if matches_any(p, load_cfg.reinit_params)]
+    # A re-initialised parameter's checkpoint tensors are read by nothing, and expected to be there.
+    entries = [family.hf_entry(p, spec, prefix) for p in reinit]
+    skipped = tuple(re.escape(k) for entry in entries if entry is not None for k in entry.keys)
+    if reinit:
+        log.info("re-initialised (load.reinit_params): %s", ", ".join(reinit))
+
+    def entry_of(path: str) -> models.HFEntry | None:
+        return None if path in reinit else family.hf_entry(path, spec, prefix)
 
     def init_fresh(wanted: set[str]) -> dict[str, jax.Array]:
-        return models.init_params(spec, model_cfg.param_dtype, wanted, skeleton.param_shardings, seed, skeleton.lora)
+        values = models.init_params(spec, model_cfg.param_dtype, wanted, skeleton.param_shardings, seed, skeleton.lora)
+        return {p: jnp.zeros_like(v) if matches_any(p, load_cfg.zero_init_params) else v for p, v in values.items()}
 
     return merge_checkpoint(
         skeleton.abstract_params,
-        lambda path: family.hf_entry(path, spec, prefix),
+        entry_of,
         skeleton.param_shardings,
         new_params,
-        load_cfg.ignore_unused + family.ignorable_keys(spec),
+        load_cfg.ignore_unused + family.ignorable_keys(spec) + skipped,
         init_fresh,
         source,
     )
@@ -305,6 +317,7 @@ class StateLayout:
     tx: optax.GradientTransformation
     abstract: TrainState  # ShapeDtypeStructs
     shardings: TrainState  # the same tree of NamedShardings
+    batch: dict[str, jax.ShapeDtypeStruct] = dataclasses.field(default_factory=dict)  # one global train batch
 
     @property
     def leaf_paths(self) -> tuple[str, ...]:
@@ -352,7 +365,10 @@ def abstract_state(
         opt_state=opt_sh,
         rng=replicated,
     )
-    return StateLayout(frozenset(trainable_paths), tx, abstract, shardings)
+    batch = step_lib.batch_shapes(
+        cfg.model.task, cfg.train.batch_size, cfg.data.max_length, skeleton.family.input_shape(skeleton.spec)
+    )
+    return StateLayout(frozenset(trainable_paths), tx, abstract, shardings, batch)
 
 
 def create_state(params: nnx.State, layout: StateLayout, seed: int) -> TrainState:
@@ -370,21 +386,19 @@ def jit_train_step(
     )
 
 
-def abstract_train_args(layout: StateLayout, cfg: Config, mesh: Mesh) -> tuple[TrainState, dict[str, Any]]:
-    """The train step's arguments as sharded ShapeDtypeStructs: `layout`'s state and one global batch of cfg's
-    shapes."""
+def abstract_train_args(layout: StateLayout, mesh: Mesh) -> tuple[TrainState, dict[str, Any]]:
+    """The train step's arguments as sharded ShapeDtypeStructs: `layout`'s state and one global batch."""
     state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), layout.abstract, layout.shardings
     )
     batch_sharding = mesh_lib.batch_sharding(mesh)
-    shapes = step_lib.batch_shapes(cfg.model.task, cfg.train.batch_size, cfg.data.max_length)
-    return state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in shapes.items()}
+    return state, {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in layout.batch.items()}
 
 
 def lower_train_step(step: compile.CountingJit, layout: StateLayout, cfg: Config, mesh: Mesh) -> Any:
     """The jitted step lowered from shapes alone (abstract_train_args). The step's later calls on real arrays of
     these shapes and shardings reuse this trace."""
-    return step.lower(*abstract_train_args(layout, cfg, mesh))
+    return step.lower(*abstract_train_args(layout, mesh))
 
 
 def attention_implementation(program: str) -> str:

@@ -22,6 +22,10 @@ def classification_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: 
     return model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_rng=rng)
 
 
+def image_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> jax.Array:
+    return model(batch["pixel_values"], dropout_rng=rng)
+
+
 def causal_lm_forward(model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array | None) -> LMOutput:
     """Final hidden states of packed rows (segment ids keep examples apart, 0 marks padding) and the model's
     LM head: the loss makes the logits, all at once or a chunk at a time (model.logits_chunk)."""
@@ -81,6 +85,23 @@ def classification_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
+def image_classification_loss(
+    logits_BxC: jax.Array, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Weighted mean cross-entropy against a mix of two labels per image: `mix_weights` of `labels` and the rest of
+    `mix_labels` (mixup and cutmix blend two images; without them the weight is 1). Accuracy counts the
+    argmax against `labels`, the larger part of the mix."""
+    weights_B = batch["weights"].astype(jnp.float32)
+    mix_B = batch["mix_weights"].astype(jnp.float32)
+    logits_BxC = logits_BxC.astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    losses_B = mix_B * ce(logits_BxC, batch["labels"]) + (1.0 - mix_B) * ce(logits_BxC, batch["mix_labels"])
+    count = weights_B.sum()
+    correct = ((logits_BxC.argmax(-1) == batch["labels"]) * weights_B).sum()
+    loss_sum = (losses_B * weights_B).sum()
+    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
 def causal_lm_loss(out: LMOutput, batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy, token-weighted: position t predicts token t+1 of the same segment, and only
     tokens marked in loss_mask (completions, unless the prompt trains too) are targets."""
@@ -95,6 +116,16 @@ def causal_lm_loss(out: LMOutput, batch: dict[str, jax.Array]) -> tuple[jax.Arra
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
 
 
+def _token_sizes(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    real = (batch["attention_mask"] if "attention_mask" in batch else batch["segment_ids"] > 0).sum()
+    return real, jnp.asarray(batch["input_ids"].size, jnp.int32)  # rows × this batch's bucket length
+
+
+def _image_sizes(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    images = jnp.asarray(batch["pixel_values"].shape[0], jnp.int32)
+    return images, images
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """How a task runs through the shared step: its batch fields, forward call, loss, and extra eval sums."""
@@ -103,6 +134,10 @@ class Task:
     forward: Callable[[nnx.Module, dict[str, jax.Array], jax.Array | None], Any]  # logits, or an LMOutput
     loss: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
     eval_sums: Callable[[jax.Array, dict[str, jax.Array]], dict[str, jax.Array]] | None
+    # batch -> (tokens that are not padding, tokens computed on): the loop's throughput counts. Image tasks count
+    # images (both the same).
+    sizes: Callable[[dict[str, jax.Array]], tuple[jax.Array, jax.Array]] = _token_sizes
+    unit: str = "tokens"  # what `sizes` counts, as the metrics name it (tokens_per_sec, images_per_sec)
 
 
 def model_logits(
@@ -174,13 +209,15 @@ def train_step(
     trainable, opt_state = jax.tree.map(
         lambda new, old: jnp.where(finite, new, old), (trainable, opt_state), (state.trainable, state.opt_state)
     )
+    real, padded = TASKS[task].sizes(batch)
     metrics = {
         "loss": loss,
         "accuracy": stats["correct"] / count,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
-        "tokens": (batch["attention_mask"] if "attention_mask" in batch else batch["segment_ids"] > 0).sum(),
-        "padded_tokens": jnp.asarray(batch["input_ids"].size, jnp.int32),  # rows × this batch's bucket length
+        # Non-padding and all tokens (images, for image tasks) of the batch: the loop's throughput figures.
+        "tokens": real,
+        "padded_tokens": padded,
         "nonfinite": (~finite).astype(jnp.int32),
         # Index (in jax.tree.leaves(trainable) order) of the first non-finite gradient, or -1.
         "nonfinite_leaf": jnp.where(bad_leaf_G.any(), jnp.argmax(bad_leaf_G), -1).astype(jnp.int32),
@@ -244,8 +281,21 @@ def class_counts(logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, ja
     return sums
 
 
-def predict_step(params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef) -> jax.Array:
-    return jax.nn.softmax(model_logits(graphdef, params, batch, None), axis=-1)
+def top5_count(logits_BxC: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Class counts plus the weighted count of examples whose label is among the 5 highest logits (with 5 classes
+    or more)."""
+    sums = class_counts(logits_BxC, batch)
+    if logits_BxC.shape[-1] >= 5:
+        _, top_Bx5 = jax.lax.top_k(logits_BxC, 5)
+        hit_B = (top_Bx5 == batch["labels"][:, None]).any(-1)
+        sums["top5_correct"] = (hit_B * batch["weights"].astype(jnp.float32)).sum()
+    return sums
+
+
+def predict_step(
+    params: nnx.State, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, task: str = "sequence-classification"
+) -> jax.Array:
+    return jax.nn.softmax(model_logits(graphdef, params, batch, None, task), axis=-1)
 
 
 _CLASSIFICATION_FIELDS = ("input_ids", "attention_mask", "token_type_ids", "labels", "weights")
@@ -255,11 +305,30 @@ TASKS: dict[str, Task] = {
     "sequence-classification": Task(_CLASSIFICATION_FIELDS, classification_forward, classification_loss, class_counts),
     "token-classification": Task(_CLASSIFICATION_FIELDS, classification_forward, classification_loss, class_counts),
     "causal-lm": Task(("input_ids", "loss_mask", "segment_ids", "positions"), causal_lm_forward, causal_lm_loss, None),
+    "image-classification": Task(
+        ("pixel_values", "labels", "mix_labels", "mix_weights", "weights"),
+        image_forward,
+        image_classification_loss,
+        top5_count,
+        _image_sizes,
+        "images",
+    ),
 }
 
+# What predict feeds each task (no labels).
+PREDICT_FIELDS = {"image-classification": ("pixel_values",)}
 
-def batch_shapes(task: str, batch_size: int, max_length: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes and dtypes of one global train batch of `task`, as the data pipelines build it."""
+
+def batch_shapes(
+    task: str, batch_size: int, max_length: int, image_shape: tuple[int, ...] = ()
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of one global train batch of `task`, as the data pipelines build it (image tasks:
+    `image_shape` is (C, H, W))."""
+    if task == "image-classification":
+        B = (batch_size,)
+        shapes = {"pixel_values": (B + tuple(image_shape), jnp.float32), "mix_weights": (B, jnp.float32)}
+        shapes["weights"] = (B, jnp.float32)
+        return {k: jax.ShapeDtypeStruct(*shapes.get(k, (B, jnp.int32))) for k in TASKS[task].fields}
     rows = (batch_size, max_length)
     if task == "causal-lm":
         dtypes = {"input_ids": jnp.int32, "loss_mask": jnp.float32, "segment_ids": jnp.int32, "positions": jnp.int32}

@@ -60,13 +60,15 @@ def train(cfg: Config, run_dir: str | Path, allow_config_change: bool = False) -
     early = build_early_stopping(cfg, data, resume)
     phase, state = start_state(cfg, skeleton, phases, layout_of, resume)
     start_step = resume.step if resume else 0
-    data.open(skeleton.folder, skeleton.spec.vocab_size, mesh)
+    data.open(skeleton.folder, skeleton.spec, mesh)
     data_iter = iter(data.train_dataset)
     if resume:
         data_iter.set_state(run_dir_lib.data_iterator_state(resume.data))
     graphdef = setup.configured_graphdef(skeleton, cfg.model)
     step_of = functools.cache(lambda paths: setup.jit_train_step(graphdef, layout_of(paths), schedule, cfg, mesh))
     meta = run_dir_lib.run_metadata(cfg, plan, skeleton, data.label_names, phase.trainable_paths, data.prompt_kind)
+    if data.images:  # the eval transform, which predict and export (preprocessor_config.json) reproduce
+        meta["images"] = data.encoder.record()
     first = phase.trainable_paths
     meta["execution"] = setup.execution_record(step_of(first), layout_of(first), cfg, mesh)
     open_run_dir(run_dir, meta, start_step)
@@ -194,11 +196,13 @@ def build_run_evaluate(
 
 
 def cadence(cfg: Config) -> loop.Cadence:
+    images = cfg.model.task == "image-classification"
     return loop.Cadence(
         max_steps=cfg.train.max_steps,
         log_every=cfg.train.log_every_steps,
         eval_every=cfg.train.eval_every_steps,
         save_every=cfg.checkpoint.every_steps,
-        tokens_per_step=cfg.train.batch_size * cfg.data.max_length,
+        tokens_per_step=cfg.train.batch_size * (1 if images else cfg.data.max_length),
         save_at_eval=cfg.train.early_stopping_patience > 0,
+        unit="images" if images else "tokens",
     )

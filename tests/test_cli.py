@@ -8,7 +8,16 @@ import pytest
 
 from jaxft.config import load_config
 from jaxft.plan import describe_plan
-from tests.fixtures import DEMO, ROOT, one_line_error, run_cli, save_llama_family, save_tiny_gpt2
+from tests.fixtures import (
+    DEMO,
+    ROOT,
+    one_line_error,
+    run_cli,
+    save_llama_family,
+    save_tiny_gpt2,
+    save_tiny_vit,
+    write_image_folder,
+)
 
 TINY = [
     "train.max_steps=4",
@@ -212,6 +221,7 @@ SHIPPED = {
     "minilm_sentiment": (None, r"encoder/layers/[345]/.*|pooler/.*|classifier/.*"),
     "gpt2_clm": ("gpt2", r".*"),
     "llama_sft_lora": ("qwen2", r"layers/self_attn/(q|k|v|o)_proj/lora_(a|b)"),
+    "vit_image_classification": ("vit", r".*"),
 }
 
 
@@ -227,6 +237,9 @@ def test_every_shipped_config_plans(name, tmp_path, data_dir):
         overrides = [f"model.source={save_tiny_gpt2(tmp_path / 'gpt2')}"]
     elif family == "qwen2":
         overrides = [f"model.source={save_llama_family(tmp_path / 'qwen2', 'qwen2')}"]
+    elif family == "vit":
+        images = write_image_folder(tmp_path / "images", per_class=2)
+        overrides = [f"model.source={save_tiny_vit(tmp_path / 'vit')}", f"data.train_dir={images}", "data.eval_dir="]
     table = describe_plan(load_config(ROOT / "configs" / f"{name}.py", overrides))
     rows = [line.split() for line in table.splitlines() if re.match(r"\S+ +\[", line)]
     assert rows, table

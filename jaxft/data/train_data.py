@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 
 from jaxft import mesh as mesh_lib
 from jaxft.config import Config, length_buckets
-from jaxft.data import lm, pipeline
+from jaxft.data import image_pipeline, lm, pipeline
 
 log = logging.getLogger("jaxft.data")
 
@@ -26,7 +26,11 @@ class TrainData:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.lm = cfg.model.task == "causal-lm"
-        if self.lm:
+        self.images = cfg.model.task == "image-classification"
+        if self.images:
+            self.sources: Any = image_pipeline.open_image_sources(cfg.data)
+            self.label_names = self.sources.label_names
+        elif self.lm:
             self.sources = lm.open_lm_sources(cfg.data)
             self.label_names: tuple[str, ...] = ()
         else:
@@ -37,16 +41,28 @@ class TrainData:
         self.eval_rows: mesh_lib.BatchRows | None = None  # this process's rows of each eval batch
         self.encoder: Any = None
 
-    def open(self, folder: Path, vocab_size: int, mesh: Mesh) -> None:
-        """Tokenizes with the pretrained folder's tokenizer (a causal LM's ids must fit `vocab_size`); each
-        process reads its rows of every global batch over `mesh`."""
+    def open(self, folder: Path, spec: Any, mesh: Mesh) -> None:
+        """Tokenizes with the pretrained folder's tokenizer (a causal LM's ids must fit the model `spec`'s
+        vocabulary), or for images builds the transforms at the spec's image size with the folder's normalisation;
+        each process reads its rows of every global batch over `mesh`."""
         cfg, data = self.cfg, self.cfg.data
         batch = mesh_lib.batch_rows(mesh, cfg.train.batch_size)
         eval_source, eval_batch = self.sources.eval, mesh_lib.batch_rows(mesh, cfg.train.eval_batch_size)
         self.train_rows, self.eval_rows = batch, eval_batch
         buckets = length_buckets(data)
+        if self.images:
+            self.encoder = image_pipeline.ImageTransforms.build(data, folder, spec.image_size)
+            threads = image_pipeline.workers(data)
+            self.train_dataset = image_pipeline.build_train_dataset(
+                self.sources, self.encoder, batch, data.shuffle_seed, threads
+            )
+            if eval_source is not None:
+                self.eval_batches = lambda: image_pipeline.iter_eval_batches(
+                    self.sources, self.encoder.eval, eval_batch, threads
+                )
+            return
         if self.lm:
-            self.encoder = lm.LMEncoder(folder, data, vocab_size)
+            self.encoder = lm.LMEncoder(folder, data, spec.vocab_size)
             self.train_dataset = lm.build_lm_train_dataset(
                 self.sources.train, self.encoder, batch, data.shuffle_seed, data.max_length, data.packing, buckets
             )

@@ -83,6 +83,8 @@ class Family:
     embedding_pattern: str  # the input embeddings
     layer_pattern: str  # layer i's parameters, with {i}
     head_pattern: str  # the task head
+    # spec -> the shape of one input example other than token ids: (C, H, W) pixels for image models
+    input_shape: Callable[[Any], tuple[int, ...]] = lambda spec: ()
 
     @property
     def is_decoder(self) -> bool:
@@ -175,6 +177,7 @@ FAMILIES: tuple[Family, ...] = (
         embedding_pattern=r"embeddings/.*",
         layer_pattern=r"layers/{i}/.*",
         head_pattern=r"(norm|classifier|cls_classifier|distillation_classifier)/.*",
+        input_shape=lambda spec: (spec.num_channels, spec.image_size, spec.image_size),
     ),
 )
 
