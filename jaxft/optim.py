@@ -31,9 +31,10 @@ def _decay_mask(params: Any) -> Any:
 
 
 def build_optimizer(
-    cfg: OptimConfig, schedule: optax.Schedule, lr_multipliers: Any | None = None
+    cfg: OptimConfig, schedule: optax.Schedule, lr_multipliers: Any | None = None, scaled: bool | None = None
 ) -> optax.GradientTransformation:
-    """clip → optimizer(schedule) → per-parameter LR multipliers (layer-wise decay, freeze-rule factors)."""
+    """clip → optimizer(schedule) → per-parameter LR multipliers (layer-wise decay, freeze-rule factors). The
+    multiplier stage is there when `scaled` says (default: when a multiplier is not 1)."""
     parts = []
     if cfg.clip_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_grad_norm))
@@ -51,7 +52,9 @@ def build_optimizer(
                 learning_rate=schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=_decay_mask
             )
         )
-    if lr_multipliers is not None and any(m != 1.0 for m in jax.tree.leaves(lr_multipliers)):
+    if scaled is None:
+        scaled = lr_multipliers is not None and any(m != 1.0 for m in jax.tree.leaves(lr_multipliers))
+    if scaled and lr_multipliers is not None:
         # The final update is -lr·direction, so scaling it by m is the same as training at lr·m.
         parts.append(
             optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, lr_multipliers))

@@ -34,7 +34,7 @@ from jaxft.load import (
     source_identity,
 )
 from jaxft.models import lora as lora_lib
-from jaxft.paths import matches_any, path_str
+from jaxft.paths import RuleError, matches_any, path_str
 from jaxft.state import TrainState, init_state, partition_params
 
 log = logging.getLogger("jaxft.setup")
@@ -274,7 +274,15 @@ def load_model(
 def build_freeze_plan(skeleton: ModelSkeleton, cfg: Config) -> freeze.FreezePlan:
     """cfg's freeze rules over the skeleton's parameters. With checkpoint.save_frozen=false every frozen parameter
     must come from the pretrained files, so none may be one a load can initialise fresh (load.new_params)."""
-    plan = freeze.build_freeze_plan(skeleton.param_shapes, cfg.freeze.rules)
+    try:
+        plan = freeze.build_freeze_plan(skeleton.param_shapes, cfg.freeze.rules)
+    except RuleError as e:
+        if stacked_layers(skeleton) and any(re.search(r"layers/[\d(]", r.pattern) for r in cfg.freeze.rules):
+            # The rules name single layers (layer-wise LR decay, freezing the first layers) of a scanned stack.
+            raise RuleError(
+                f"{e}; rules on single layers need model.scan_layers=false (one tensor per layer)"
+            ) from None
+        raise
     fresh = sorted(p for p in plan.frozen_paths if matches_any(p, cfg.load.new_params))
     if not cfg.checkpoint.save_frozen and fresh:
         raise ConfigError(
@@ -331,9 +339,12 @@ class StateLayout:
 def build_optimizer(
     cfg: Config, schedule: optax.Schedule, plan: freeze.FreezePlan, trainable: nnx.State
 ) -> optax.GradientTransformation:
-    """The optimizer of one trainable partition, with each parameter's freeze-rule LR multiplier."""
+    """The optimizer of one trainable partition, with each parameter's freeze-rule LR multiplier. Whether it has
+    the multiplier stage is decided by the whole plan, not this partition, so that every phase of gradual
+    unfreezing has an optimizer state of the same structure (repartition carries the statistics across)."""
     multipliers = {p: v.replace(plan.lr_multiplier(path_str(p))) for p, v in nnx.to_flat_state(trainable)}
-    return optim.build_optimizer(cfg.optim, schedule, nnx.from_flat_state(multipliers))
+    scaled = any(plan.lr_multiplier(p) != 1.0 for p in plan.trainable_paths)
+    return optim.build_optimizer(cfg.optim, schedule, nnx.from_flat_state(multipliers), scaled)
 
 
 def abstract_state(

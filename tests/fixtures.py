@@ -440,7 +440,14 @@ def write_resume_config(folder: Path, model: Path, max_steps: int = 12, every: i
 
 
 # Image classes told apart by colour, which survives random crops and flips: a tiny ViT learns them in a few steps.
-IMAGE_COLOURS = {"blue": (40, 60, 220), "green": (40, 200, 60), "red": (220, 50, 40), "yellow": (230, 220, 40)}
+IMAGE_COLOURS = {
+    "blue": (40, 60, 220),
+    "green": (40, 200, 60),
+    "purple": (150, 40, 180),
+    "red": (220, 50, 40),
+    "white": (235, 235, 235),
+    "yellow": (230, 220, 40),
+}
 
 
 def write_image_folder(
