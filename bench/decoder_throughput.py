@@ -1,6 +1,7 @@
 """Train-step throughput, MFU and compile time of jaxft's decoders (random weights, no checkpoint needed).
 
-  python bench/decoder_throughput.py --model llama-tiny|gpt2-small [--layers N] [--no-scan] [--lora-rank R]
+  python bench/decoder_throughput.py --model llama-tiny|gpt2-small [--layers N] [--scan-layers auto|true|false]
+      [--no-scan] [--lora-rank R]
       [--batch B] [--seq L] [--steps S] [--peak-tflops T] --json
 
 Prints one JSON line: tokens_per_sec, step_ms (median of the timed steps, compile excluded), compile_s (lowering
@@ -78,13 +79,15 @@ def measured_peak_tflops() -> float:
 
 
 def run(args) -> dict:
-    spec = make_spec(args.model, args.layers, not args.no_scan)
+    # The layer layout as jaxft resolves model.scan_layers here ("auto", the default: per layer on CPUs).
+    scan = setup.scan_layers(ModelConfig(scan_layers="false" if args.no_scan else args.scan_layers))
+    spec = make_spec(args.model, args.layers, scan)
     # LoRA on the attention projections, as the shipped SFT config does.
     targets = (r".*(q|k|v|o)_proj",) if args.model == "llama-tiny" else (r".*c_attn", r".*attn/c_proj")
     lora_cfg = LoraConfig(rank=args.lora_rank, targets=targets)
     rules = tuple(freeze.train_adapters_only()) if args.lora_rank else ((r".*", "train"),)
     cfg = Config(
-        model=ModelConfig(task="causal-lm", scan_layers=not args.no_scan, remat=args.remat),
+        model=ModelConfig(task="causal-lm", scan_layers=str(scan).lower(), remat=args.remat),
         lora=lora_cfg,
         freeze=FreezeConfig(rules=rules),
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant"),
@@ -128,7 +131,7 @@ def run(args) -> dict:
         "impl": "jaxft",
         "model": args.model,
         "layers": spec.num_layers,
-        "scan_layers": not args.no_scan,
+        "scan_layers": scan,
         "lora_rank": args.lora_rank,
         "remat": args.remat,
         "batch": b,
@@ -153,7 +156,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")
     p.add_argument("--layers", type=int, default=0, help="0: the model's own depth")
-    p.add_argument("--no-scan", action="store_true", help="one tensor per layer instead of a scanned stack")
+    p.add_argument("--scan-layers", default="auto", choices=("auto", "true", "false"), help="model.scan_layers")
+    p.add_argument("--no-scan", action="store_true", help="--scan-layers false: one tensor per layer")
     p.add_argument("--lora-rank", type=int, default=0)
     p.add_argument("--remat", default="none")
     p.add_argument("--batch", type=int, default=8)

@@ -76,11 +76,18 @@ class ModelConfig:
     compute_dtype: str = "auto"
     remat: str = _resumable("none")  # recompute activations in the backward pass: none | full | dots_saveable | ...
     dropout_rate: float = -1.0  # -1: the checkpoint's hidden_dropout_prob
-    scan_layers: bool = True  # decoders: layers stacked under one lax.scan (compile time flat in depth)
+    # Decoders and ViT: "true" stacks the layers under one lax.scan (compile time flat in depth), "false" keeps a
+    # module per layer (faster steps on CPUs, where XLA copies each layer's slice in and out of the stack), "auto":
+    # scanned on TPUs and GPUs, per layer on CPUs.
+    scan_layers: str = "auto"
     frozen_dtype: str = ""  # storage dtype of frozen parameters ("" = param_dtype; "bfloat16" halves a LoRA base)
     # Causal LM: the LM head and loss run over this many positions of each row at a time, recomputed in the
     # backward pass, so [batch, seq, vocab] logits never exist at once (large vocabularies). 0 = all at once.
     logits_chunk: int = _resumable(0)
+
+    def __post_init__(self):
+        if isinstance(self.scan_layers, bool) or str(self.scan_layers).lower() in ("true", "false"):
+            object.__setattr__(self, "scan_layers", str(self.scan_layers).lower())  # it was a switch before "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +293,7 @@ _CHOICES = {
     "model.compute_dtype": ("auto", "float32", "bfloat16"),
     "model.frozen_dtype": ("", "float32", "bfloat16"),
     "model.remat": ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"),
+    "model.scan_layers": ("auto", "true", "false"),
     "optim.name": ("adamw", "sgd", "adafactor"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "checkpoint.keep_best_mode": ("auto", "min", "max"),
@@ -386,6 +394,12 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
             raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
     if tp is str and key == "model.remat" and (isinstance(raw, bool) or str(raw).lower() in ("true", "false")):
         return "full" if str(raw).lower() == "true" else "none"  # remat was a switch before it took a policy
+    if tp is str and key == "model.scan_layers" and isinstance(raw, (bool, str)):
+        value = str(raw).lower()
+        value = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(value, value)
+        if value not in ("auto", "true", "false"):
+            raise ConfigError(f"{key}: expected auto, true or false, got {raw!r}")
+        return value
     if tp is str:
         if not isinstance(raw, str):
             raise ConfigError(f"{key}: expected a string, got {raw!r}")

@@ -59,10 +59,10 @@ def build_parts(cfg: Config, devices: list | None = None) -> PlanParts:
     if cfg.model.task == "causal-lm":
         labels: tuple[str, ...] = ()  # an LM's head is its vocabulary: no data needed to shape it
     elif cfg.model.task == "image-classification":
-        labels = image_pipeline.open_image_sources(cfg.data, need_eval=False).label_names
+        labels = image_pipeline.label_names(cfg.data)  # no images read
     else:
         labels = pipeline.open_sources(cfg.data, need_eval=False, task=cfg.model.task).label_names
-    folder, hf, spec = setup.read_spec(cfg.model, len(labels), cfg.data.image_size)
+    folder, hf, spec = setup.read_spec(cfg.model, len(labels), cfg.data.image_size, mesh.devices.flat)
     skeleton = setup.skeleton_of(spec, cfg, mesh, folder, hf)
     plan = setup.build_freeze_plan(skeleton, cfg)
     skeleton = setup.with_frozen_dtype(skeleton, cfg.model.frozen_dtype, plan.frozen_paths)
@@ -246,6 +246,8 @@ def _plan_on(cfg: Config, target: targets.Target) -> dict[str, Any]:
         "platform": target.platform,
         "devices": len(target.devices),
         "mesh": {a: int(mesh.shape[a]) for a in mesh_lib.AXES},
+        # model.scan_layers as resolved for the target ("auto": scanned on TPUs and GPUs); None: no layer stack
+        "scan_layers": getattr(parts.skeleton.spec, "scan_layers", None),
         **compiled,
         "hbm_bytes_per_device": hbm,
         "hbm_source": target.source,
@@ -312,7 +314,9 @@ def render_target(report: dict[str, Any]) -> str:
     lines = [
         f"target: {report['target']}{shape}, {report['devices']} devices; "
         f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}",
-        f"train step (compute {report['compute_dtype']}, attention: {report['attention']}), per device:",
+        f"train step (compute {report['compute_dtype']}, attention: {report['attention']}"
+        + {True: ", layers scanned", False: ", layers unrolled"}.get(report.get("scan_layers"), "")
+        + "), per device:",
     ]
     if report["compiled"]:
         lines += [

@@ -75,8 +75,21 @@ class ModelSkeleton:
         return {path_str(p): tuple(v.shape) for p, v in nnx.to_flat_state(self.abstract_params)}
 
 
-def read_spec(model_cfg: ModelConfig, num_labels: int, image_size: int = 0) -> tuple[Path, dict[str, Any], Any]:
-    """(pretrained folder, its config.json, the family's spec) of `model.source`; reads no weights.
+def scan_layers(model_cfg: ModelConfig, devices: Any = None) -> bool:
+    """model.scan_layers on `devices` (default: jax.devices()): "auto" scans on TPUs and GPUs, where a stacked
+    layer keeps compile time flat in depth, and not on CPUs, where XLA copies every layer's slice in and out of
+    the stack each step (a per-layer Llama step ran 1.16x faster on this project's 2-core CPU: bench/README)."""
+    value = str(model_cfg.scan_layers).lower()
+    if value != "auto":
+        return value == "true"
+    return any(d.platform != "cpu" for d in (jax.devices() if devices is None else devices))
+
+
+def read_spec(
+    model_cfg: ModelConfig, num_labels: int, image_size: int = 0, devices: Any = None
+) -> tuple[Path, dict[str, Any], Any]:
+    """(pretrained folder, its config.json, the family's spec) of `model.source`; reads no weights. `devices` are
+    those the model runs on (model.scan_layers="auto" depends on them).
 
     `image_size` (data.image_size) other than 0 sets an image model's input size: the config.json returned, which
     an export writes, says so, and the load resamples the position table to the new patch grid."""
@@ -93,7 +106,7 @@ def read_spec(model_cfg: ModelConfig, num_labels: int, image_size: int = 0) -> t
     family = models.family_of(hf, model_cfg.task)
     if num_labels <= 0:
         num_labels = model_cfg.num_labels or hf.get("num_labels") or len(hf.get("id2label", {})) or 2
-    spec = family.read_spec(hf, model_cfg.task, num_labels, model_cfg.dropout_rate, model_cfg.scan_layers)
+    spec = family.read_spec(hf, model_cfg.task, num_labels, model_cfg.dropout_rate, scan_layers(model_cfg, devices))
     return folder, hf, spec
 
 
@@ -125,7 +138,7 @@ def skeleton_of(
 def build_model(cfg: Config, mesh: Mesh, num_labels: int = 0) -> ModelSkeleton:
     """The skeleton of cfg's pretrained model on `mesh`, from its config.json and checkpoint index: no weights read.
     `num_labels` (the data's label count) sizes a classifier head; 0 takes it from the config or checkpoint."""
-    folder, hf, spec = read_spec(cfg.model, num_labels, cfg.data.image_size)
+    folder, hf, spec = read_spec(cfg.model, num_labels, cfg.data.image_size, mesh.devices.flat)
     checkpoint = open_checkpoint(folder, models.family_for_spec(spec).renames)
     return skeleton_of(spec, cfg, mesh, folder, hf, source_identity(folder, checkpoint, cfg.load.hash_files))
 
@@ -246,7 +259,7 @@ def load_model(
     dtype: Any = "float32",
     mesh: Mesh | None = None,
     new_params: tuple[str, ...] | None = None,
-    scan_layers: bool = True,
+    scan_layers: bool | str = "auto",
     image_size: int = 0,
 ) -> nnx.Module:
     """The NNX model with pretrained weights (`jaxft.load`). Encoders: `model(input_ids=..., attention_mask=...,
@@ -262,7 +275,7 @@ def load_model(
     mesh = mesh if mesh is not None else mesh_lib.build_mesh(MeshConfig())
     model_cfg = ModelConfig(source=path_or_hub_id, task=task, num_labels=num_labels, scan_layers=scan_layers)
     cfg = Config(model=model_cfg, load=LoadConfig() if new_params is None else LoadConfig(new_params=new_params))
-    folder, hf, spec = read_spec(cfg.model, num_labels, image_size)
+    folder, hf, spec = read_spec(cfg.model, num_labels, image_size, mesh.devices.flat)
     skeleton = skeleton_of(spec, cfg, mesh, folder, hf)
     params = load_weights(skeleton, cfg.model, cfg.load)
     return nnx.merge(skeleton.graphdef, params).configure(jnp.dtype(dtype))

@@ -220,7 +220,7 @@ SHIPPED = {
     "tiny": (None, r".*"),
     "minilm_sentiment": (None, r"encoder/layers/[345]/.*|pooler/.*|classifier/.*"),
     "gpt2_clm": ("gpt2", r".*"),
-    "llama_sft_lora": ("qwen2", r"layers/self_attn/(q|k|v|o)_proj/lora_(a|b)"),
+    "llama_sft_lora": ("qwen2", r"layers/\d+/self_attn/(q|k|v|o)_proj/lora_(a|b)"),  # per layer on a CPU
     "vit_image_classification": ("vit", r".*"),
 }
 

@@ -49,7 +49,7 @@ def test_defaults():
         compute_dtype="auto",  # bf16 on TPUs and GPUs, fp32 on CPUs (setup.compute_dtype)
         remat="none",
         dropout_rate=-1.0,
-        scan_layers=True,
+        scan_layers="auto",  # scanned on TPUs and GPUs, per layer on CPUs (setup.scan_layers)
         frozen_dtype="",
         logits_chunk=0,
     )
@@ -163,8 +163,10 @@ def test_load_config_file_without_a_config(tmp_path, body):
         ("optim.warmup_steps=0", "optim", "warmup_steps", 0),
         ("data.max_length=64", "data", "max_length", 64),
         ("optim.b1=1", "optim", "b1", 1.0),
-        ("model.scan_layers=false", "model", "scan_layers", False),
-        ("model.scan_layers=No", "model", "scan_layers", False),
+        ("model.scan_layers=false", "model", "scan_layers", "false"),
+        ("model.scan_layers=No", "model", "scan_layers", "false"),
+        ("model.scan_layers=True", "model", "scan_layers", "true"),
+        ("model.scan_layers=auto", "model", "scan_layers", "auto"),
         ("data.packing=0", "data", "packing", False),
         ("load.hash_files=YES", "load", "hash_files", True),
         ("data.train_on_prompt=1", "data", "train_on_prompt", True),
@@ -208,7 +210,7 @@ def test_freeze_rules_override_become_rules():
         ("train.max_steps=abc", "train.max_steps: expected an integer, got 'abc'"),
         ("train.max_steps=1.5", "train.max_steps: expected an integer, got '1.5'"),
         ("optim.learning_rate=fast", "optim.learning_rate: expected a number, got 'fast'"),
-        ("model.scan_layers=maybe", "model.scan_layers: expected true or false, got 'maybe'"),
+        ("model.scan_layers=maybe", "model.scan_layers: expected auto, true or false, got 'maybe'"),
         ('data.train_files=["a",', "data.train_files: not a valid JSON list"),
         ("data.train_files=[1]", "data.train_files: expected a string, got 1"),
         ("train.bogus=1", "unknown config key 'train.bogus'; train has: "),
@@ -378,7 +380,7 @@ def test_validate_accepts(overrides):
 
 
 def test_validate_type_checks_values_from_files():
-    with pytest.raises(ConfigError, match="^model.scan_layers: expected true or false, got 'maybe'$"):
+    with pytest.raises(ConfigError, match="^model.scan_layers: expected auto, true or false, got 'maybe'$"):
         validate(Config(model=ModelConfig(scan_layers="maybe")))
     with pytest.raises(ConfigError, match=r"^optim\.warmup_steps: expected an integer, got 3\.5$"):
         validate(Config(optim=OptimConfig(warmup_steps=3.5)))
@@ -551,3 +553,11 @@ def test_every_shipped_config_loads_with_its_fields():
 def test_shipped_config_takes_overrides():
     cfg = load_config(CONFIGS / "tiny.py", ["data.dataset=files", "data.train_files=x.jsonl", "train.max_steps=2"])
     assert (cfg.data.dataset, cfg.data.train_files, cfg.train.max_steps) == ("files", ("x.jsonl",), 2)
+
+
+def test_scan_layers_of_runs_saved_as_a_switch_read_back():
+    d = to_json(Config())
+    for saved, now in ((True, "true"), (False, "false")):
+        d["model"]["scan_layers"] = saved
+        assert from_dict(d).model.scan_layers == now
+    assert ModelConfig(scan_layers=False).scan_layers == "false"

@@ -73,10 +73,13 @@ def test_decoder_refuses_a_classification_task(folders):
 
 
 def test_plan_covers_decoders(folders):
-    cfg = Config(model=ModelConfig(source=str(folders["llama"]), task="causal-lm"))
+    cfg = Config(model=ModelConfig(source=str(folders["llama"]), task="causal-lm", scan_layers="true"))
     text = describe_plan(cfg)
     assert "layers/self_attn/q_proj/kernel" in text and "[3, 64, 4, 16]" in text
     assert "per-device memory" in text
+    # model.scan_layers=auto on this CPU: a row per layer.
+    unrolled = describe_plan(Config(model=ModelConfig(source=str(folders["llama"]), task="causal-lm")))
+    assert "layers/2/self_attn/q_proj/kernel" in unrolled and "[64, 4, 16]" in unrolled
 
 
 def test_gpt2_config_from_transformers_reads(tmp_path):

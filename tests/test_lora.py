@@ -141,7 +141,7 @@ def test_plan_counts_only_adapters_as_trainable(tiny_llama):
     from jaxft.plan import describe_plan
 
     cfg = Config(
-        model=ModelConfig(source=str(tiny_llama), task="causal-lm"),
+        model=ModelConfig(source=str(tiny_llama), task="causal-lm", scan_layers="true"),  # one row per stack
         lora=ATTENTION,
         freeze=FreezeConfig(rules=LORA_ONLY),
     )

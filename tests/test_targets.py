@@ -152,3 +152,14 @@ def test_unsupported_architecture_is_one_line(tmp_path, capsys, data_dir):
     args = ["plan", str(ROOT / "configs" / "tiny.py"), "--target", "v5e:2x2", f"model.source={tmp_path}"]
     line = one_line_error(args, capsys)
     assert "t5" in line, line
+
+
+def test_scan_layers_auto_scans_on_tpus_and_not_on_cpus():
+    from jaxft import setup
+    from jaxft.config import ModelConfig
+
+    tpu = targets.resolve_target("v5e:2x2").devices
+    assert setup.scan_layers(ModelConfig(), tpu) is True
+    assert setup.scan_layers(ModelConfig()) is False  # this machine's CPU devices
+    assert setup.scan_layers(ModelConfig(scan_layers="true")) is True
+    assert setup.scan_layers(ModelConfig(scan_layers=False), tpu) is False
