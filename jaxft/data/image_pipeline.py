@@ -62,6 +62,17 @@ def open_image_sources(cfg: DataConfig, need_eval: bool = True) -> ImageSources:
     return ImageSources(sources[cfg.train_split], eval_source, label_names, image_key, label_key)
 
 
+def label_names(cfg: DataConfig) -> tuple[str, ...]:
+    """The label names alone, without preparing anything (what `jaxft plan` needs for the head's shape): an image
+    folder's class folders, the labels of the files' rows, or a registered dataset's ClassLabel names."""
+    if cfg.dataset == "imagefolder":
+        root = Path(cfg.train_dir).expanduser()
+        return tuple(cfg.label_names) or tuple(p.name for p in image_builders.class_folders(root))
+    if cfg.dataset == "files":
+        return image_builders.image_splits(cfg)[1]
+    return open_image_sources(cfg, need_eval=False).label_names
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageTransforms:
     """A run's train augmentation, eval transform and mixing, at the model's input size."""
@@ -108,7 +119,7 @@ def _read(source: Any, index: int, image_key: str) -> Any:
 
 def build_train_dataset(
     sources: ImageSources, transforms: ImageTransforms, rows: Any, seed: int, threads: int
-) -> grain.IterDataset:
+) -> GlobalBatches:
     """Infinite, seeded, reshuffled every epoch. Batch s is global batch s of the shuffled order, of which this
     process decodes and augments only its rows (`rows.mine` of `rows.size`, a mesh.BatchRows), one image per
     worker task. Mixup and cutmix blend rows 2k and 2k+1 of the global batch, so a process's rows must come in
@@ -150,7 +161,41 @@ def build_train_dataset(
 
     units = grain.MapDataset.range(per_batch).repeat(None).map_with_index(load)
     iter_ds = units.to_iter_dataset(_read_options(threads, len(mine)))
-    return iter_ds.batch(per_batch, drop_remainder=True, batch_fn=_concat)
+    return GlobalBatches(iter_ds.batch(per_batch, drop_remainder=True, batch_fn=_concat), per_batch)
+
+
+class GlobalBatches:
+    """A process's batch iterator whose state counts global batches: grain's counts this process's units, whose
+    number per batch depends on the process count, and a checkpoint's one state must resume every process at the
+    same batch whatever their count."""
+
+    def __init__(self, dataset: grain.IterDataset, units_per_batch: int):
+        self.dataset, self.units_per_batch = dataset, units_per_batch
+
+    def __iter__(self) -> _GlobalBatchIterator:
+        return _GlobalBatchIterator(iter(self.dataset), self.units_per_batch)
+
+
+class _GlobalBatchIterator:
+    def __init__(self, it: Any, units_per_batch: int):
+        self.it, self.units_per_batch, self.batches = it, units_per_batch, 0
+
+    def __iter__(self) -> _GlobalBatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self.it)
+        self.batches += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"global_batches": self.batches}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if "global_batches" not in state:
+            raise DataError(f"data: the checkpoint's iterator state {state} is not an image pipeline's")
+        self.batches = int(state["global_batches"])
+        self.it.set_state({"next_index": self.batches * self.units_per_batch})
 
 
 def _read_options(threads: int, rows_per_batch: int) -> grain.ReadOptions:

@@ -239,7 +239,8 @@ class Mixing:
         if not cutmix:
             return weight * a_CxHxW + (1 - weight) * b_CxHxW, weight * b_CxHxW + (1 - weight) * a_CxHxW, weight
         _, H, W = a_CxHxW.shape
-        ch, cw = round(H * math.sqrt(1 - weight)), round(W * math.sqrt(1 - weight))
+        # Sides rounded down: the box never takes more than 1 - weight of the image, so each keeps the larger share.
+        ch, cw = int(H * math.sqrt(1 - weight)), int(W * math.sqrt(1 - weight))
         cy, cx = int(rng.integers(H)), int(rng.integers(W))
         top, bottom = max(cy - ch // 2, 0), min(cy + (ch - ch // 2), H)
         left, right = max(cx - cw // 2, 0), min(cx + (cw - cw // 2), W)
