@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from jaxft import cli
 from tests.fixtures import (
@@ -224,3 +225,53 @@ def test_plan_compiles_the_vit_step_for_a_tpu_slice(vision, tmp_path, capsys):
     # The matmuls of a full fine-tune: 6 FLOPs per weight per patch token (+ [CLS]) of 2 images per chip at least.
     weights = 2 * (4 * 32 * 32 + 2 * 32 * 64)  # two layers' attention and MLP kernels
     assert report["flops_per_step"] >= 6 * weights * 17 * 2
+
+
+class JaxftTestPetals(tfds.core.GeneratorBasedBuilder):
+    """A registered image dataset as tfds catalogues hold them: encoded images, a ClassLabel, a file name."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {
+            "photo": tfds.features.Image(),
+            "kind": tfds.features.ClassLabel(names=list(CLASSES)),
+            "file_name": tfds.features.Text(),
+        }
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples("train"), "validation": self._generate_examples("val")}
+
+    def _generate_examples(self, split):
+        for path in sorted(Path(self._folders[split]).rglob("*.*")):
+            yield (
+                path.name + path.parent.name,
+                {
+                    "photo": path.read_bytes(),
+                    "kind": path.parent.name,
+                    "file_name": path.name,
+                },
+            )
+
+
+def test_a_registered_tfds_image_dataset_trains_by_name(vision, tmp_path, capsys):
+    JaxftTestPetals._folders = {"train": vision["train"], "val": vision["val"]}
+    tfds_dir = tmp_path / "tfds"
+    JaxftTestPetals(data_dir=str(tfds_dir), file_format="array_record").download_and_prepare()
+    data = {
+        "dataset": "jaxft_test_petals",
+        "data_dir": str(tfds_dir),
+        "image_column": "photo",
+        "label_column": "kind",
+        "eval_split": "validation",
+    }
+    config = write_vit_config(tmp_path / "c.py", vision["model"], vision["train"], data=data, train={"max_steps": 4})
+    run_dir = tmp_path / "run"
+    train_in_process(config, run_dir)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["label_names"] == list(CLASSES)
+    last = metrics_records(run_dir)[-1]
+    assert last["step"] == 4 and last["eval_examples"] == 4 * len(CLASSES)
+    line = one_line_error(["train", config, "--run-dir", tmp_path / "r2", "data.image_column=image"], capsys)
+    assert "data.image_column: jaxft_test_petals has no Image feature 'image'" in line
