@@ -9,16 +9,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import typing
 from pathlib import Path
 from typing import Any
 
 from jaxft import axes
-
-
-class ConfigError(ValueError):
-    """A user-caused configuration problem; the message names the key."""
-
+from jaxft.config_values import ConfigError, coerce_value, field_types
 
 # Field metadata: a key that only changes what is logged or kept, where, or how the math is laid out on devices.
 # Any other key alters the result, and a resume with it changed is refused unless asked for (--allow-config-change).
@@ -342,71 +337,6 @@ _NON_NEGATIVE = (
 )
 
 
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-def _describe(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(key: str, raw: Any, tp: Any) -> Any:
-    """Converts a raw value (string from the CLI, or a Python value from a file) to the field's type."""
-    origin = typing.get_origin(tp)
-    if origin is tuple:
-        if isinstance(raw, str):
-            text = raw.strip()
-            if text.startswith("["):
-                try:
-                    raw = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{key}: not a valid JSON list ({e.msg})") from None
-            else:
-                raw = [p for p in text.split(",") if p] if text else []
-        if not isinstance(raw, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {raw!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis and args[0] in (str, int, float):
-            return tuple(_coerce(key, v, args[0]) for v in raw)
-        return tuple(tuple(v) if isinstance(v, list) else v for v in raw)
-    if tp is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return raw.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{key}: expected true or false, got {raw!r}")
-    if tp is int:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}")
-        if isinstance(raw, int):
-            return raw
-        try:
-            return int(str(raw))
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {raw!r}") from None
-    if tp is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        try:
-            return float(str(raw))
-        except ValueError:
-            raise ConfigError(f"{key}: expected a number, got {raw!r}") from None
-    if tp is str and key == "model.remat" and (isinstance(raw, bool) or str(raw).lower() in ("true", "false")):
-        return "full" if str(raw).lower() == "true" else "none"  # remat was a switch before it took a policy
-    if tp is str and key == "model.scan_layers" and isinstance(raw, (bool, str)):
-        value = str(raw).lower()
-        value = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(value, value)
-        if value not in ("auto", "true", "false"):
-            raise ConfigError(f"{key}: expected auto, true or false, got {raw!r}")
-        return value
-    if tp is str:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{key}: expected a string, got {raw!r}")
-        return raw
-    return raw
-
-
 def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Config:
     """Applies dotted `section.key=value` overrides, checking that each key exists and each value's type."""
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
@@ -416,10 +346,10 @@ def apply_overrides(cfg: Config, overrides: list[str] | dict[str, Any]) -> Confi
         if section_name not in sections or not field:
             raise ConfigError(f"unknown config key {key!r}; sections are: {', '.join(sorted(sections))}")
         section = getattr(cfg, section_name)
-        types_ = _field_types(type(section))
+        types_ = field_types(type(section))
         if field not in types_:
             raise ConfigError(f"unknown config key {key!r}; {section_name} has: {', '.join(sorted(types_))}")
-        value = _coerce(key, raw, types_[field])
+        value = coerce_value(key, raw, types_[field])
         cfg = dataclasses.replace(cfg, **{section_name: dataclasses.replace(section, **{field: value})})
     return cfg
 
@@ -435,10 +365,10 @@ def validate(cfg: Config) -> Config:
     """Checks values that types alone cannot; raises ConfigError naming the key."""
     for section in dataclasses.fields(Config):
         obj = getattr(cfg, section.name)
-        for name, tp in _field_types(type(obj)).items():
+        for name, tp in field_types(type(obj)).items():
             key = f"{section.name}.{name}"
             value = getattr(obj, name)
-            _coerce(key, value, tp)  # type check values that came from config files
+            coerce_value(key, value, tp)  # type check values that came from config files
             if key in _CHOICES and value not in _CHOICES[key]:
                 raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
             if key in _POSITIVE and value <= 0:
@@ -566,10 +496,10 @@ def from_dict(d: dict[str, Any]) -> Config:
     for section in dataclasses.fields(Config):
         cls = section.type if isinstance(section.type, type) else type(getattr(Config(), section.name))
         values = d.get(section.name, {})
-        known = _field_types(cls)
+        known = field_types(cls)
         kwargs = {k: _from_json(v) for k, v in values.items() if k in known}
         if section.name == "model" and isinstance(kwargs.get("remat"), bool):  # runs saved before policies
-            kwargs["remat"] = _coerce("model.remat", kwargs["remat"], str)
+            kwargs["remat"] = coerce_value("model.remat", kwargs["remat"], str)
         sections[section.name] = cls(**kwargs)
     return Config(**sections)
 

@@ -883,8 +883,10 @@ def test_an_unreadable_stored_image_names_its_path():
         def __getitem__(self, i):
             return {"image": b"not an image", "label": 0, "path": b"/data/x.png"}
 
-    with pytest.raises(DataError, match=re.escape("/data/x.png: unreadable image")):
-        image_pipeline._read(Source(), 0, "image")
+    sources = image_pipeline.ImageSources(Source(), Source(), ("a", "b"), "image", "label")
+    transform = images.EvalTransform(16, 18, images.Normalize((0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(DataError, match=re.escape("/data/x.png: unreadable image")):  # raised in a grain thread
+        list(image_pipeline.iter_eval_batches(sources, transform, 2, threads=2))
 
 
 # ------------------------------------------------------------------------------------------------ config

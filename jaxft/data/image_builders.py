@@ -6,6 +6,7 @@ out and counted.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -72,7 +73,15 @@ def scan_files(files: list[Path], data: DataConfig) -> list[tuple[Path, str]]:
 
 
 class ImagesConfig(tfds.core.BuilderConfig):
-    def __init__(self, *, splits: dict[str, list[tuple[Path, str]]], labels: tuple[str, ...], bad_images: str, **kw):
+    def __init__(
+        self,
+        *,
+        splits: dict[str, list[tuple[Path, str]]],
+        labels: tuple[str, ...],
+        bad_images: str,
+        threads: int = 1,
+        **kw,
+    ):
         h = hashlib.sha256(json.dumps([labels, bad_images]).encode())
         for split, rows in sorted(splits.items()):
             for path, label in rows:
@@ -81,6 +90,7 @@ class ImagesConfig(tfds.core.BuilderConfig):
         # A content key: an added, removed, relabelled or rewritten image prepares a new copy, never a stale one.
         super().__init__(name=h.hexdigest()[:16], version=tfds.core.Version("1.0.0"), **kw)
         self.splits, self.labels, self.bad_images = splits, labels, bad_images
+        self.threads = threads  # that decode the images at prepare time; not part of the content key
         self.skipped: dict[str, list[str]] = {}
 
 
@@ -110,27 +120,46 @@ class JaxftImages(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split, rows):
         c = self.builder_config
         skipped = c.skipped.setdefault(split, [])
-        for path, label in rows:
-            data = path.read_bytes()
-            try:
-                images.decode_rgb(data)
-            except images.ImageDecodeError as e:
-                if c.bad_images != "skip":
-                    raise DataError(
-                        f"{path}: unreadable image ({e}); data.bad_images=skip leaves such files out"
-                    ) from None
-                skipped.append(f"{path}: {e}")
-                continue
-            yield str(path), {"image": data, "label": label, "path": str(path)}
+        with concurrent.futures.ThreadPoolExecutor(max(1, c.threads)) as pool:
+            # Read and decode on c.threads threads (PIL releases the GIL), a chunk at a time: the bytes of at most
+            # CHECK_CHUNK images are held at once, and the examples come out in order.
+            for start in range(0, len(rows), CHECK_CHUNK):
+                chunk = rows[start : start + CHECK_CHUNK]
+                for (path, label), (data, error) in zip(chunk, pool.map(_read_checked, chunk)):
+                    if error is not None:
+                        if c.bad_images != "skip":
+                            raise DataError(
+                                f"{path}: unreadable image ({error}); data.bad_images=skip leaves such files out"
+                            )
+                        skipped.append(f"{path}: {error}")
+                        continue
+                    yield str(path), {"image": data, "label": label, "path": str(path)}
         if len(skipped) == len(rows):
             raise DataError(f"{split}: every image is unreadable (first: {skipped[0]})")
 
 
+CHECK_CHUNK = 256  # images read and decoded together at prepare time
+
+
+def _read_checked(row: tuple[Path, str]) -> tuple[bytes, str | None]:
+    """An image file's bytes, and why they do not decode (None when they do)."""
+    data = row[0].read_bytes()
+    try:
+        images.decode_rgb(data)
+    except images.ImageDecodeError as e:
+        return data, str(e)
+    return data, None
+
+
 def build_image_dataset(
-    data: DataConfig, data_dir: str, splits: dict[str, list[tuple[Path, str]]], labels: tuple[str, ...]
+    data: DataConfig,
+    data_dir: str,
+    splits: dict[str, list[tuple[Path, str]]],
+    labels: tuple[str, ...],
+    threads: int = 1,
 ) -> tfds.core.DatasetBuilder:
     """Prepares (once per content) and returns the builder; logs what data.bad_images=skip left out."""
-    config = ImagesConfig(splits=splits, labels=labels, bad_images=data.bad_images)
+    config = ImagesConfig(splits=splits, labels=labels, bad_images=data.bad_images, threads=threads)
     builder = JaxftImages(config=config, data_dir=data_dir, file_format="array_record")
     record = Path(builder.data_dir) / SKIPPED_FILE
     if not builder.is_prepared():

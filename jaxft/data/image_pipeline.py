@@ -36,7 +36,8 @@ def open_image_sources(cfg: DataConfig, need_eval: bool = True) -> ImageSources:
 
     if cfg.dataset in ("imagefolder", "files"):
         splits, labels = image_builders.image_splits(cfg)
-        builder = image_builders.build_image_dataset(cfg, cfg.data_dir or pipeline.default_data_dir(), splits, labels)
+        data_dir = cfg.data_dir or pipeline.default_data_dir()
+        builder = image_builders.build_image_dataset(cfg, data_dir, splits, labels, workers(cfg))
         image_key, label_key = "image", "label"
     else:
         builder = pipeline.registered_builder(cfg)
