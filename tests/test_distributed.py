@@ -1,5 +1,5 @@
 """Several processes: 2 × 4 CPU devices on 127.0.0.1 equal 1 × 8 (training with dropout, LoRA SFT with packing,
-eval, predict, export, generate); SIGTERM to all or one saves one agreed step; SIGKILL of one stops the other
+image classification with mixup and cutmix, eval, predict, export, generate); SIGTERM to all or one saves one agreed step; SIGKILL of one stops the other
 within the peer timeout; resume across process counts; bad launches are one line on every process.
 
 Every process here has a deadline and is killed at the end; no address but 127.0.0.1 is used.
@@ -35,8 +35,11 @@ from tests.fixtures import (
     run_params,
     save_tiny_bert,
     save_tiny_chat_model,
+    save_tiny_vit,
     train_in_process,
+    write_image_folder,
     write_rows,
+    write_vit_config,
 )
 
 DEADLINE = 420  # seconds any one process may run
@@ -286,6 +289,40 @@ def test_lora_sft_with_packing_two_by_four_equals_one_by_eight(sft):
     assert sorted(got) == sorted(want) and max(abs(got[s] - want[s]) for s in want) < 1e-5
     a, b = run_params(sft["two"]), run_params(sft["one"])
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def vision(tmp_path_factory, data_dir) -> dict:
+    """A tiny ViT fine-tuned with RandAugment, mixup and cutmix (pairs of rows within each process's share), once
+    on 1 × 8 in this process and once on 2 × 4."""
+    tmp = tmp_path_factory.mktemp("distributed_vision")
+    model = save_tiny_vit(tmp / "vit")
+    train, val = write_image_folder(tmp / "train", per_class=8), write_image_folder(tmp / "val", per_class=3, seed=1)
+    augment = {"randaugment_ops": 1, "mixup_alpha": 0.4, "cutmix_alpha": 1.0}
+    config = write_vit_config(tmp / "config.py", model, train, val, train={"max_steps": 8}, data=augment)
+    train_in_process(config, tmp / "one")
+    ok(Procs(["train", config, "--run-dir", tmp / "two"]).wait())
+    return {"tmp": tmp, "one": tmp / "one", "two": tmp / "two", "val": val}
+
+
+def test_image_classification_two_by_four_equals_one_by_eight(vision):
+    one, two = metrics_records(vision["one"]), metrics_records(vision["two"])
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 9))
+    for a, b in zip(one, two):
+        for k in ("loss", "eval_loss", "eval_accuracy", "eval_top5_accuracy"):
+            assert (k in a) == (k in b) and abs(a.get(k, 0.0) - b.get(k, 0.0)) < 1e-5, (a["step"], k)
+    a, b = run_params(vision["one"]), run_params(vision["two"])
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) < 1e-4
+    assert data_state(vision["two"], 8) == data_state(vision["one"], 8)  # one global position
+    assert data_state(vision["one"], 8)["iterator"] == {"global_batches": 8}
+    # predict of the 2 × 4 run on two processes labels every image as one process does.
+    out_one, out_two = vision["tmp"] / "one.jsonl", vision["tmp"] / "two.jsonl"
+    predict_file(vision["two"], vision["val"], out_one, batch_size=4)
+    ok(Procs(["predict", vision["two"], "--input", vision["val"], "--output", out_two, "--batch-size", "4"]).wait())
+    rows_one = [json.loads(line) for line in out_one.read_text().splitlines()]
+    rows_two = [json.loads(line) for line in out_two.read_text().splitlines()]
+    assert [r["image"] for r in rows_two] == [r["image"] for r in rows_one] and len(rows_one) == 9
+    assert max(abs(x - y) for r, q in zip(rows_one, rows_two) for x, y in zip(r["probs"], q["probs"])) < 1e-5
 
 
 def test_generate_on_two_processes_equals_one(sft):
