@@ -1,6 +1,7 @@
 """Several processes: 2 × 4 CPU devices on 127.0.0.1 equal 1 × 8 (training with dropout, LoRA SFT with packing,
-image classification with mixup and cutmix, eval, predict, export, generate); SIGTERM to all or one saves one agreed step; SIGKILL of one stops the other
-within the peer timeout; resume across process counts; bad launches are one line on every process.
+image classification with mixup and cutmix, eval, predict, export, generate); SIGTERM to all or one saves one
+agreed step; SIGKILL of one stops the other within the peer timeout; resume across process counts; bad launches
+are one line on every process.
 
 Every process here has a deadline and is killed at the end; no address but 127.0.0.1 is used.
 """
