@@ -203,7 +203,10 @@ def leave_after_error() -> None:
 _CONTROL = "\x00jaxft-process-id="
 # Lines libraries print on every process that a user can do nothing about.
 _NOISE = re.compile(
-    r"^\[Gloo\] Rank \d+ is connected|"
+    # gloo's "[Gloo] Rank 3 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7", one per
+    # device at start-up: the devices' threads write them at once, so a line can hold pieces of two ("[Gloo] Rank
+    # [Gloo] Rank 1 is ...") and the next line the rest of one. Any line with either end of the message goes.
+    r"^.*(\[Gloo\] Rank|connected peer ranks is : \d+$)|"
     r"^[IW]\d{4} [\d:.]+\s+\d+ (coordination_service\w*|preemption_notifier|client|distributed)\.(cc|h):\d+\]"
 )
 _HELD = re.compile(r"^E\d{4} [\d:.]+\s+\d+ (coordination_service\w*|client|distributed)\.(cc|h):\d+\]")

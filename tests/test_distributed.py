@@ -433,6 +433,17 @@ def test_the_output_filter_keeps_process_0_and_prefixes_the_others():
     stderr = "W1204 00:46:38.43 3052 preemption_notifier.cc:90] SIGTERM caught\nsome warning\n"
     assert _filtered(stdout, stderr, index=0) == ("step 1: loss=1\n", "some warning\n")
     assert _filtered(stdout, stderr, index=1) == ("", "[process 1] some warning\n")
+    # Two devices' threads writing their lines at once, as a make test run once showed.
+    interleaved = (
+        "[Gloo] Rank [Gloo] Rank 1 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7\n"
+        "0 is connected to 7 peer ranks. Expected number of connected peer ranks is : 7\nstep 1: loss=1\n"
+    )
+    assert _filtered(interleaved, "", index=0) == ("step 1: loss=1\n", "")
+    split = (
+        "[Gloo] Rank 0 is conn[Gloo] Rank 1 is connected to 7 peer ranks. Expected number of connected peer ranks "
+        "is : 7\nected to 7 peer ranks. Expected number of connected peer ranks is : 7\nstep 1: loss=1\n"
+    )
+    assert _filtered(split, "", index=0) == ("step 1: loss=1\n", "")
 
 
 def test_the_output_filter_turns_fatal_distributed_errors_into_one_line():
