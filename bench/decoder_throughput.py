@@ -78,6 +78,25 @@ def measured_peak_tflops() -> float:
     return 10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e12
 
 
+def time_step(step, state, data, steps: int):
+    """(compile s, the timed steps' seconds, the state and metrics after them): the step's lowering plus XLA
+    compile timed alone, then two untimed calls (the jit cache's own compile and one warm step), then `steps`
+    timed calls, each waited on."""
+    t = time.perf_counter()
+    step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t
+    for _ in range(2):
+        state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready((state.trainable, metrics))
+        times.append(time.perf_counter() - t)
+    return compile_s, times, state, metrics
+
+
 def run(args) -> dict:
     # The layer layout as jaxft resolves model.scan_layers here ("auto", the default: per layer on CPUs).
     scan = setup.scan_layers(ModelConfig(scan_layers="false" if args.no_scan else args.scan_layers))
@@ -107,18 +126,7 @@ def run(args) -> dict:
         "positions": np.tile(np.arange(L, dtype=np.int32), (b, 1)),
     }
     data = mesh.make_global_batch(host, built.mesh)
-    t = time.perf_counter()
-    step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t
-    for _ in range(2):  # the jit cache's own compile + one warm step, excluded
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready((state.trainable, metrics))
-        times.append(time.perf_counter() - t)
+    compile_s, times, state, metrics = time_step(step, state, data, args.steps)
     step_s = statistics.median(times)
     flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
     n = matmul_params(spec, flat)

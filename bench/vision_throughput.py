@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -40,7 +39,7 @@ from jaxft.models.vit import ViTSpec
 from jaxft.paths import path_str
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoder_throughput import measured_peak_tflops  # noqa: E402  (a sibling script, not a package)
+from decoder_throughput import measured_peak_tflops, time_step  # noqa: E402  (a sibling script, not a package)
 
 
 def make_spec(layers: int, scan: bool, labels: int) -> ViTSpec:
@@ -85,18 +84,7 @@ def run(args) -> dict:
         "weights": np.ones((b,), np.float32),
     }
     data = mesh.make_global_batch(host, built.mesh)
-    t = time.perf_counter()
-    step.lower(state, data).compile()
-    compile_s = time.perf_counter() - t
-    for _ in range(2):  # the jit cache's own compile + one warm step, excluded
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready((state.trainable, metrics))
-        times.append(time.perf_counter() - t)
+    compile_s, times, state, metrics = time_step(step, state, data, args.steps)
     step_s = statistics.median(times)
     flat = {path_str(p): v.get_value() for p, v in nnx.to_flat_state(params)}
     n = sum(v.size for p, v in flat.items() if p.endswith("kernel"))

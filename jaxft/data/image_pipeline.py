@@ -49,12 +49,7 @@ def open_image_sources(cfg: DataConfig, need_eval: bool = True) -> ImageSources:
             raise DataError(
                 f"data.{column}: {cfg.dataset} has no {kind.__name__} feature {key!r} (features: {list(features)})"
             )
-    splits = builder.info.splits
-    for split in [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else []):
-        if split not in splits:
-            raise DataError(f"data.train_split: split {split!r} not in {cfg.dataset} (has {list(splits)})")
-        if splits[split].num_examples == 0:
-            raise DataError(f"{cfg.dataset}/{split}: dataset is empty")
+    pipeline.check_splits(builder, cfg, need_eval)
     label_names = tuple(cfg.label_names) or tuple(features[label_key].names)
     if len(label_names) < 2:
         raise DataError(f"{cfg.dataset}: image classification needs two or more labels, found {list(label_names)}")

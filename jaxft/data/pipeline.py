@@ -55,12 +55,7 @@ def open_sources(cfg: DataConfig, need_eval: bool = True, task: str = "sequence-
     else:
         builder = registered_builder(cfg)
         text_key, pair_key, label_key = cfg.text_column, cfg.text_pair_column, cfg.label_column
-    splits = builder.info.splits
-    for split in [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else []):
-        if split not in splits:
-            raise DataError(f"data.train_split: split {split!r} not in {cfg.dataset} (has {list(splits)})")
-        if splits[split].num_examples == 0:
-            raise DataError(f"{cfg.dataset}/{split}: dataset is empty")
+    check_splits(builder, cfg, need_eval)
     feature = builder.info.features[label_key]
     feature = getattr(feature, "feature", feature)  # a Sequence of ClassLabel for token tasks
     label_names = tuple(cfg.label_names) or tuple(getattr(feature, "names", ()))
@@ -69,6 +64,17 @@ def open_sources(cfg: DataConfig, need_eval: bool = True, task: str = "sequence-
     sources = builder.as_data_source()
     eval_source = sources[cfg.eval_split] if need_eval and cfg.eval_split in sources else None
     return Sources(sources[cfg.train_split], eval_source, label_names, text_key, pair_key, label_key, token_level)
+
+
+def check_splits(builder: Any, cfg: DataConfig, need_eval: bool) -> None:
+    """A DataError unless the train split (and the eval split, where asked for and present) exists and holds
+    examples."""
+    splits = builder.info.splits
+    for split in [cfg.train_split] + ([cfg.eval_split] if need_eval and cfg.eval_split in splits else []):
+        if split not in splits:
+            raise DataError(f"data.train_split: split {split!r} not in {cfg.dataset} (has {list(splits)})")
+        if splits[split].num_examples == 0:
+            raise DataError(f"{cfg.dataset}/{split}: dataset is empty")
 
 
 def registered_builder(cfg: DataConfig) -> Any:
