@@ -9,7 +9,7 @@ import pytest
 
 from jaxft import mesh, optim
 from jaxft.config import OptimConfig
-from jaxft.step import classification_loss, train_step
+from jaxft.step import classification_loss, nonfinite_leaves, train_step
 from tests.fixtures import make_setup, random_batch
 
 
@@ -31,6 +31,27 @@ def test_finite_check_is_computed_once_not_copied_into_every_update(tiny_bert):
     leaves = len(jax.tree.leaves(s.state.trainable))
     scalar_logic = len(re.findall(r" = pred\[\]\S* (?:and|or|not)\(", hlo))
     assert 0 < scalar_logic < 16 * leaves, (scalar_logic, leaves)
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ((1.0, 2.0, 3.0), [False, False, False]),
+        ((1.0, np.nan, 3.0), [False, True, False]),
+        ((np.inf, 2.0, -np.inf), [True, False, True]),
+        # Finite, but their squares overflow float32: the norm is inf and the leaves are tested one by one.
+        ((3e19, -3e19, 1.0), [False, False, False]),
+        ((3e19, 2.0, np.nan), [False, False, True]),
+    ],
+)
+def test_nonfinite_leaves_is_exact_also_where_the_norm_overflows(values, expected):
+    tree = {"a": jax.numpy.full((4, 3), values[0]), "b": {"c": jax.numpy.full((5,), values[1])}}
+    tree["d"] = jax.numpy.asarray([0.0, values[2]])
+    tree["ids"] = jax.numpy.arange(3)  # not inexact: not a leaf of the answer
+    norm = optax.tree.norm({k: v for k, v in tree.items() if k != "ids"})
+    assert np.isfinite(float(norm)) == (not any(expected) and max(abs(v) for v in values) < 1e19)
+    got = jax.jit(nonfinite_leaves)(tree, norm)
+    assert got.tolist() == expected
 
 
 def test_step_is_pure_and_callable_without_jit(tiny_bert):
