@@ -1,5 +1,6 @@
 """Data: tfds builders for user files, grain shuffling/sharding/state, eval coverage, label errors."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -74,6 +75,16 @@ def test_edited_files_are_prepared_again(tmp_path, data_dir):
     assert len(pipeline.open_sources(cfg, need_eval=False).train) == 6
     _write_jsonl(train, _rows(9))
     assert len(pipeline.open_sources(cfg, need_eval=False).train) == 9
+
+
+def test_preparing_prints_nothing_on_stdout(tmp_path, capsys):
+    """tfds prints "Downloading and preparing dataset ..." with print(); a command's stdout (eval's and
+    predict's results) must carry only jaxft's own output, so that goes to stderr."""
+    train = _write_jsonl(tmp_path / "p.jsonl", _rows(6))
+    cfg = DataConfig(dataset="files", train_files=(str(train),), text_column="review", label_column="stars")
+    pipeline.open_sources(dataclasses.replace(cfg, data_dir=str(tmp_path / "tfds")), need_eval=False)
+    out, err = capsys.readouterr()
+    assert out == "" and "Downloading and preparing dataset" in err, (out, err)
 
 
 def test_bundled_reviews_dataset(data_dir):

@@ -6,9 +6,11 @@ Registered tfds datasets (e.g. "glue/sst2") go through the same reader.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,8 +161,16 @@ def build_files_dataset(
         data_dir=data_dir,
         file_format="array_record",
     )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return builder
+
+
+def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
+    """builder.download_and_prepare(**kwargs), with what tfds prints meant for stdout ("Downloading and preparing
+    dataset ...", "... downloaded and prepared to ...") sent to stderr, where jaxft's logs go: a command's stdout
+    carries only its own output."""
+    with contextlib.redirect_stdout(sys.stderr):
+        builder.download_and_prepare(**kwargs)
 
 
 class JaxftReviews(tfds.core.GeneratorBasedBuilder):
@@ -193,5 +203,5 @@ class JaxftReviews(tfds.core.GeneratorBasedBuilder):
 
 def build_reviews_dataset(data_dir: str) -> tfds.core.DatasetBuilder:
     builder = JaxftReviews(data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()
+    prepare(builder)
     return builder

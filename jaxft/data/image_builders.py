@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 
 from jaxft.config import DataConfig
 from jaxft.data import images
-from jaxft.data.builders import DataError, read_records
+from jaxft.data.builders import DataError, prepare, read_records
 
 log = logging.getLogger("jaxft.data")
 
@@ -163,7 +163,7 @@ def build_image_dataset(
     builder = JaxftImages(config=config, data_dir=data_dir, file_format="array_record")
     record = Path(builder.data_dir) / SKIPPED_FILE
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        prepare(builder)
         record.write_text(json.dumps(config.skipped, indent=1))
     skipped = json.loads(record.read_text()) if record.is_file() else {}
     for split, lines in skipped.items():

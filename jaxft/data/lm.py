@@ -161,7 +161,7 @@ def open_lm_sources(cfg: DataConfig, need_eval: bool = True) -> LMSources:
         data_dir=cfg.data_dir or pipeline.default_data_dir(),
         file_format="array_record",
     )
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    builders.prepare(builder, download_config=tfds.download.DownloadConfig(verify_ssl=False))
     sources = builder.as_data_source()
     return LMSources(sources[cfg.train_split], sources[cfg.eval_split] if cfg.eval_split in splits else None)
 
