@@ -208,15 +208,16 @@ def plan_merge(
     """Matches every parameter to its checkpoint tensor(s); raises one error listing every problem.
 
     Returns {param path: HF entry} for the parameters to load. Parameters on `new_params` that the
-    checkpoint lacks or holds in another shape keep their init (and are logged); anything else missing,
+    checkpoint lacks or holds in another shape keep their init (and are logged: a warning each, or one info line
+    for those `entry_of` gives no HF key, LoRA adapters and re-initialised parameters); anything else missing,
     unexpected or mis-shaped fails.
     """
     keys = dict(source.shapes)
-    plan, problems, fresh, used = {}, [], [], set()
+    plan, problems, fresh, unkeyed, used = {}, [], [], [], set()
     for path, shape in param_shapes.items():
         entry = entry_of(path)
-        if entry is None and paths.matches_any(path, new_params):  # e.g. a LoRA adapter: never in HF files
-            fresh.append(path)
+        if entry is None and paths.matches_any(path, new_params):  # a LoRA adapter or a re-initialised parameter
+            unkeyed.append(path)
             continue
         if entry is None:
             problems.append(f"{path}: no HF key in the table")
@@ -253,6 +254,9 @@ def plan_merge(
         raise CheckpointError(f"{files}: checkpoint does not fit the model: " + "; ".join(problems))
     for what in fresh:
         log.warning("newly initialised (on load.new_params, not taken from the checkpoint): %s", what)
+    if unkeyed:
+        shown = ", ".join(unkeyed[:4]) + (f" and {len(unkeyed) - 4} more" if len(unkeyed) > 4 else "")
+        log.info("initialised, with no checkpoint tensor to read (LoRA adapters, load.reinit_params): %s", shown)
     return plan
 
 

@@ -188,8 +188,6 @@ def load_weights(skeleton: ModelSkeleton, model_cfg: ModelConfig, load_cfg: Load
     # A re-initialised parameter's checkpoint tensors are read by nothing, and expected to be there.
     entries = [family.hf_entry(p, spec, prefix) for p in reinit]
     skipped = tuple(re.escape(k) for entry in entries if entry is not None for k in entry.keys)
-    if reinit:
-        log.info("re-initialised (load.reinit_params): %s", ", ".join(reinit))
 
     def entry_of(path: str) -> models.HFEntry | None:
         return None if path in reinit else family.hf_entry(path, spec, prefix)

@@ -5,6 +5,7 @@ source identity that resumes compare."""
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -320,3 +321,24 @@ def test_merge_initialises_missing_or_mis_shaped_new_params(tmp_path, mesh):
     np.testing.assert_array_equal(np.asarray(out["dense/bias"]), np.full(8, 7.0))
     np.testing.assert_array_equal(np.asarray(out["norm/bias"]), np.full(3, 7.0))
     np.testing.assert_array_equal(np.asarray(out["dense/kernel"]), W.T)
+
+
+def test_merge_logs_replaced_params_as_warnings_and_unkeyed_ones_once(tmp_path, mesh, caplog):
+    """A parameter on new_params that the checkpoint holds in another shape is a warning (a head being replaced);
+    one with no HF key at all (a LoRA adapter, a load.reinit_params parameter) is one info line, not a warning."""
+    folder = write_weights(tmp_path / "ckpt", {**good_tensors(), "dense.bias": B[:2], "norm.bias": SCALE})
+    fresh = {"dense/bias": (8,), "norm/scale": (3,)}
+    with caplog.at_level(logging.INFO, logger="jaxft.load"):
+        merge_checkpoint(
+            abstract(),
+            lambda path: None if path == "norm/scale" else lookup(path, TABLE),
+            shardings(mesh),
+            (r"dense/bias", r"norm/scale"),
+            (r"norm\.weight",),
+            lambda wanted: {p: jnp.full(s, 7.0) for p, s in fresh.items() if p in wanted},
+            open_checkpoint(folder),
+        )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "initialised" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("newly initialised") and "dense/bias" in warnings[0]
+    assert infos == ["initialised, with no checkpoint tensor to read (LoRA adapters, load.reinit_params): norm/scale"]
