@@ -208,7 +208,7 @@ def train_step(
     # A non-finite loss, gradient or new parameter drops the whole update, so the state (and every
     # checkpoint of it) stays finite; the host decides from `nonfinite` whether to halt or go on.
     bad_leaf_G = nonfinite_leaves(grads, grad_norm)
-    bad_leaf_P = nonfinite_leaves(trainable, optax.tree.norm(trainable))
+    bad_leaf_P = nonfinite_leaves(trainable)
     finite = _all_finite([loss, ~bad_leaf_G, ~bad_leaf_P])
     # A cond, not a select per leaf: the select reads both states and writes a third, every step (another 3.5% of a
     # ViT-B step on a CPU), where the cond's branch copies only one.
@@ -231,8 +231,9 @@ def train_step(
     return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
 
-def nonfinite_leaves(tree, norm: jax.Array) -> jax.Array:
-    """[n] bool, for the n inexact leaves of `tree`: which hold a non-finite value; `norm` is the tree's L2 norm.
+def nonfinite_leaves(tree, norm: jax.Array | None = None) -> jax.Array:
+    """[n] bool, for the n inexact leaves of `tree`: which hold a non-finite value. `norm`: the L2 norm of those
+    leaves where the caller has it, else computed here (in fp32).
 
     A non-finite value makes the norm non-finite; a finite norm therefore clears every leaf, and only when it is
     not (a non-finite value, or squares that overflow: a value beyond ~1.8e19) are the leaves tested one by one,
@@ -242,6 +243,8 @@ def nonfinite_leaves(tree, norm: jax.Array) -> jax.Array:
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return jnp.zeros((0,), jnp.bool_)
+    if norm is None:
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
     return jax.lax.cond(
         jnp.isfinite(norm),
         lambda: jnp.zeros((len(leaves),), jnp.bool_),
