@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -77,14 +78,16 @@ def test_edited_files_are_prepared_again(tmp_path, data_dir):
     assert len(pipeline.open_sources(cfg, need_eval=False).train) == 9
 
 
-def test_preparing_prints_nothing_on_stdout(tmp_path, capsys):
+def test_preparing_prints_nothing(tmp_path, capsys, caplog):
     """tfds prints "Downloading and preparing dataset ..." with print(); a command's stdout (eval's and
-    predict's results) must carry only jaxft's own output, so that goes to stderr."""
+    predict's results) carries only jaxft's own output and its errors stay one line, so that is a debug log."""
     train = _write_jsonl(tmp_path / "p.jsonl", _rows(6))
     cfg = DataConfig(dataset="files", train_files=(str(train),), text_column="review", label_column="stars")
-    pipeline.open_sources(dataclasses.replace(cfg, data_dir=str(tmp_path / "tfds")), need_eval=False)
+    with caplog.at_level(logging.DEBUG, logger="jaxft.data"):
+        pipeline.open_sources(dataclasses.replace(cfg, data_dir=str(tmp_path / "tfds")), need_eval=False)
     out, err = capsys.readouterr()
-    assert out == "" and "Downloading and preparing dataset" in err, (out, err)
+    assert out == "" and "Downloading and preparing" not in err, (out, err)
+    assert any(r.getMessage().startswith("tfds: Downloading and preparing dataset") for r in caplog.records)
 
 
 def test_bundled_reviews_dataset(data_dir):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
-import sys
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from jaxft.config import DataConfig
+
+log = logging.getLogger("jaxft.data")
 
 REVIEWS_DIR = Path(__file__).parent / "reviews"
 REVIEW_LABELS = ("negative", "positive")
@@ -166,11 +169,17 @@ def build_files_dataset(
 
 
 def prepare(builder: tfds.core.DatasetBuilder, **kwargs) -> None:
-    """builder.download_and_prepare(**kwargs), with what tfds prints meant for stdout ("Downloading and preparing
-    dataset ...", "... downloaded and prepared to ...") sent to stderr, where jaxft's logs go: a command's stdout
-    carries only its own output."""
-    with contextlib.redirect_stdout(sys.stderr):
-        builder.download_and_prepare(**kwargs)
+    """builder.download_and_prepare(**kwargs), with the lines tfds prints on stdout ("Downloading and preparing
+    dataset ...", "... downloaded and prepared to ...") logged at debug instead, as the CLI quiets tfds's own
+    logging: a command's stdout carries only its own output, and a prepare that fails stays one line."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            builder.download_and_prepare(**kwargs)
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.debug("tfds: %s", line.strip())
 
 
 class JaxftReviews(tfds.core.GeneratorBasedBuilder):
