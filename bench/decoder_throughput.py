@@ -80,11 +80,16 @@ def measured_peak_tflops() -> float:
 
 def time_step(step, state, data, steps: int):
     """(compile s, the timed steps' seconds, the state and metrics after them): the step's lowering plus XLA
-    compile timed alone, then two untimed calls (the jit cache's own compile and one warm step), then `steps`
-    timed calls, each waited on."""
+    compile timed alone, then timed_steps."""
     t = time.perf_counter()
     step.lower(state, data).compile()
     compile_s = time.perf_counter() - t
+    return (compile_s, *timed_steps(step, state, data, steps))
+
+
+def timed_steps(step, state, data, steps: int):
+    """(the timed steps' seconds, the state and metrics after them): two untimed calls (the jit cache's compile
+    and one warm step), then `steps` timed calls, each waited on."""
     for _ in range(2):
         state, metrics = step(state, data)
     jax.block_until_ready(metrics)
@@ -94,7 +99,7 @@ def time_step(step, state, data, steps: int):
         state, metrics = step(state, data)
         jax.block_until_ready((state.trainable, metrics))
         times.append(time.perf_counter() - t)
-    return compile_s, times, state, metrics
+    return times, state, metrics
 
 
 def run(args) -> dict:

@@ -15,7 +15,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -24,6 +23,9 @@ import numpy as np
 from jaxft import freeze, hostmem, mesh
 from jaxft.config import Config, FreezeConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from jaxft.setup import build_train_setup
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoder_throughput import timed_steps  # noqa: E402  (a sibling script, not a package)
 
 
 def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, compute_dtype: str, host_malloc: str) -> dict:
@@ -46,15 +48,7 @@ def run(model: str, batch: int, seq: int, steps: int, frozen_layers: int, comput
         "weights": np.ones((batch,), np.float32),
     }
     data = mesh.make_global_batch(host, setup.mesh)
-    for _ in range(2):  # compile + one warm step, excluded
-        state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready((state.trainable, metrics))
-        times.append(time.perf_counter() - t)
+    times, state, metrics = timed_steps(step, state, data, steps)
     step_s = statistics.median(times)
     return {
         "impl": "jaxft",
@@ -80,7 +74,6 @@ DECODERS = ("llama-tiny", "gpt2-small")  # measured by decoder_throughput.py (to
 
 def main() -> None:
     if any(m in sys.argv[1:] for m in DECODERS) or any(a.split("=", 1)[-1] in DECODERS for a in sys.argv[1:]):
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import decoder_throughput
 
         return decoder_throughput.main()
