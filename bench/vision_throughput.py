@@ -63,7 +63,9 @@ def run(args) -> dict:
     scan = setup.scan_layers(ModelConfig(scan_layers="false" if args.no_scan else args.scan_layers))
     spec = make_spec(args.layers, scan, args.labels)
     cfg = Config(
-        model=ModelConfig(task="image-classification", scan_layers=scan, remat=args.remat),
+        model=ModelConfig(
+            task="image-classification", scan_layers=scan, remat=args.remat, compute_dtype=args.compute_dtype
+        ),
         freeze=FreezeConfig(rules=((r".*", "train"),)),
         optim=OptimConfig(learning_rate=1e-4, warmup_steps=0, schedule="constant"),
         mesh=MeshConfig(),
@@ -98,6 +100,7 @@ def run(args) -> dict:
         "layers": spec.num_layers,
         "scan_layers": scan,
         "remat": args.remat,
+        "compute_dtype": str(setup.compute_dtype(cfg.model, built.mesh)),
         "batch": b,
         "tokens_per_image": T,
         "labels": spec.num_labels,
@@ -127,6 +130,7 @@ def main() -> None:
     p.add_argument("--no-scan", action="store_true", help="--scan-layers false: one tensor per layer")
     p.add_argument("--pipeline", action="store_true", help="also the input pipeline's images/s, alone")
     p.add_argument("--remat", default="none")
+    p.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="model.compute_dtype")
     p.add_argument("--labels", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)

@@ -1,6 +1,9 @@
 """The shared layers: Linear (bias or not, with a LoRA adapter, its dropout), Dense, LayerNorm and RMSNorm against
 their numpy formulas, the activation table against jax.nn, inverted dropout (identity when off, exact survivor
-scale, a plausible drop fraction), key splitting, remat names, the init, Embed, and layer stacking."""
+scale, a plausible drop fraction), key splitting, remat names, the init, Embed, layer stacking, and matmul (fp32
+accumulation, a backward pass in the compute dtype) against numpy."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ from jaxft.models.layers import (
     RMSNorm,
     build_stacked,
     dropout,
+    matmul,
     normal_init,
     remat_name,
     split_key,
@@ -294,3 +298,71 @@ def test_build_stacked_adds_a_leading_layers_axis():
     kernels = np.asarray(stacked.kernel[...])
     # Each layer draws its own init.
     assert len({kernels[i].tobytes() for i in range(5)}) == 5
+
+
+# ------------------------------------------------------------------------------------------------ matmul
+
+
+def matmul_case(T, K, N, w_contract, seed=0):
+    """Small-integer x [T, K], w ([K, N] or [N, K]) and cotangent [T, N]: exact in bf16 and in fp32 sums."""
+    w_shape = (K, N) if w_contract == 0 else (N, K)
+    return ints((T, K), seed), ints(w_shape, seed + 1), ints((T, N), seed + 2)
+
+
+def matmul_grads(x, w, g, compute_dtype, w_contract):
+    """(value, dx, dw) of layers.matmul with cotangent g, jitted (so XLA:CPU's bf16 dot path is the one run)."""
+
+    def loss(x, w):
+        y = matmul(x, w, compute_dtype, w_contract)
+        return jnp.sum(y * g), y
+
+    (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(jnp.asarray(x), jnp.asarray(w))
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("w_contract", [0, 1])
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+# K < N, K > N, K = N; large enough for XLA:CPU's library dots (its small-matmul emitters take other paths)
+@pytest.mark.parametrize("shape", [(64, 32, 96), (64, 96, 32), (40, 48, 48)])
+def test_matmul_and_both_gradients_are_exact(shape, compute_dtype, w_contract):
+    """The value and both gradients against numpy in either dtype and each weight orientation (in bf16 on XLA:CPU:
+    the weight gradient's four transposed-by-identity paths); dx comes back in x's dtype, dw in w's (fp32)."""
+    T, K, N = shape
+    x, w, g = matmul_case(T, K, N, w_contract)
+    w_KxN = w if w_contract == 0 else w.T
+    y, dx, dw = matmul_grads(x.astype(compute_dtype), w, g, compute_dtype, w_contract)
+    assert y.dtype == jnp.float32 and dx.dtype == compute_dtype and dw.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y), x @ w_KxN)
+    # dx is exact in fp32, then rounded once to x's dtype
+    np.testing.assert_array_equal(np.asarray(dx), (g @ w_KxN.T).astype(compute_dtype))
+    expected_dw = x.T @ g
+    np.testing.assert_array_equal(np.asarray(dw), expected_dw if w_contract == 0 else expected_dw.T)
+
+
+def test_matmul_weight_gradient_is_not_rounded_to_the_compute_dtype():
+    """A bf16 matmul's fp32 weight gradient keeps what bf16 cannot hold (257 needs 9 significant bits): it comes
+    straight from the fp32 accumulator, where a cast of the weight before the dot would round it to 256."""
+    x = np.ones((257, 1), np.float32)
+    w = np.ones((1, 1), np.float32)
+    _, _, dw = matmul_grads(x.astype(jnp.bfloat16), w, np.ones((257, 1), np.float32), jnp.bfloat16, 0)
+    assert float(dw[0, 0]) == 257.0
+    plain = jax.grad(lambda w: jnp.sum(jnp.matmul(jnp.asarray(x, jnp.bfloat16), w.astype(jnp.bfloat16))))
+    assert float(plain(jnp.asarray(w))[0, 0]) == 256.0  # what the plain cast gives
+
+
+def test_bf16_matmul_backward_runs_its_dots_in_bf16():
+    """Every dot of a bf16 matmul's jitted value and gradients takes bf16 operands: none is run in fp32 (JAX's own
+    transpose of an fp32-accumulating dot takes the fp32 cotangent into the input gradient's dot, and XLA:CPU
+    converts the weight gradient's x^T g to fp32 unless its transposed operand is made first)."""
+    T, K, N = 64, 32, 48
+    x, w, g = matmul_case(T, K, N, 0)
+
+    def loss(x, w):
+        return jnp.sum(matmul(x, w, jnp.bfloat16).astype(jnp.bfloat16).astype(jnp.float32) * g)
+
+    args = (jnp.asarray(x, jnp.bfloat16), jnp.asarray(w))
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().as_text()
+    dtype_of = dict(re.findall(r"%(\S+) = (\w+)\[", hlo))
+    dots = re.findall(r"= \S+ dot\(%([^,\s]+), %([^,\s)]+)\)", hlo)
+    assert len(dots) >= 3, hlo
+    assert {(dtype_of[a], dtype_of[b]) for a, b in dots} == {("bf16", "bf16")}, dots

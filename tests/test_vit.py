@@ -146,3 +146,34 @@ def test_an_image_size_for_a_text_model_is_refused(tiny_bert):
 
     with pytest.raises(ConfigError, match="no image model"):
         jaxft.load(str(tiny_bert), image_size=64)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_bf16_compute_gradients_are_close_to_fp32(tmp_path, scan):
+    """A bf16-compute step's gradients (every matmul's backward in bf16, as layers.matmul runs it; on this CPU its
+    weight gradients through the transposed-by-identity path) against the same gradients in fp32: within bf16's
+    precision, and every one in fp32 as the parameters are."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    folder = save_tiny_vit(tmp_path / "model")
+    x, labels = pixels(batch=4), np.array([0, 1, 2, 1])
+
+    def grads(dtype):
+        model = jaxft.load(str(folder), task="image-classification", scan_layers=scan).configure(dtype)
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(pixel_values=x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(params))
+
+    got, want = grads(jnp.bfloat16), grads(jnp.float32)
+    assert {g.dtype for g in got} == {w.dtype for w in want} == {jnp.dtype(jnp.float32)}
+    scale = float(optax.tree.norm(want))
+    assert float(optax.tree.norm(jax.tree.map(jnp.subtract, got, want))) <= 0.02 * scale
+    for g, w in zip(got, want):  # each leaf; the key bias's gradient is zero but for rounding
+        assert float(jnp.linalg.norm(g - w)) <= 0.05 * float(jnp.linalg.norm(w)) + 1e-3 * scale

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--labels", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the model's computation dtype")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     args = p.parse_args(argv)
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         qkv_bias=True,
         num_labels=args.labels,
     )
-    model = FlaxViTForImageClassification(config, seed=0, dtype=jnp.float32)
+    model = FlaxViTForImageClassification(config, seed=0, dtype=jnp.dtype(args.dtype))
 
     rng = np.random.default_rng(0)
     shape = (args.batch, config.num_channels, config.image_size, config.image_size)
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": "vit-b16-224",
         "layers": args.layers,
         "batch": args.batch,
+        "dtype": args.dtype,
         "steps": args.steps,
         "params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
         "images_per_sec": round(images_per_sec, 2),

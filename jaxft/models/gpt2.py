@@ -22,7 +22,7 @@ from jaxft.models.decoder import (
     make_positions,
     write_cache,
 )
-from jaxft.models.layers import ACTIVATIONS, LayerNorm, Linear, build_stacked, normal_init, split_key
+from jaxft.models.layers import ACTIVATIONS, LayerNorm, Linear, build_stacked, matmul, normal_init, split_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +170,7 @@ class GPT2Model(DecoderModel):
         place, no transposed copy)."""
         cd = self.compute_dtype
         h2 = hidden_BxLxE.astype(cd).reshape(-1, hidden_BxLxE.shape[-1])
-        dims = (((1,), (1,)), ((), ()))
-        logits = jax.lax.dot_general(h2, self.wte[...].astype(cd), dims, preferred_element_type=jnp.float32)
+        logits = matmul(h2, self.wte[...], cd, w_contract=1)
         return logits.reshape(hidden_BxLxE.shape[:-1] + (-1,))
 
     def decode_with_cache(self, input_ids_BxS, cache, index, start_B, *, last_only: bool = False):

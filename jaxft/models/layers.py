@@ -7,6 +7,7 @@ It owns math and logical axis names only; it knows nothing of HF keys, files or 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +75,92 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x * (_DROPOUT_LEVELS / threshold), jnp.zeros_like(x))
 
 
+def _contract(lhs_dim: int, rhs_dim: int) -> tuple:
+    return (((lhs_dim,), (rhs_dim,)), ((), ()))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int = 0) -> jax.Array:
+    """x [T, K] · w (w [K, N], or [N, K] contracted on its last dim with w_contract=1) with both operands in the
+    compute dtype, accumulated and returned in fp32 [T, N]. w may be the fp32 master weight: its gradient comes
+    back in w's dtype straight from the fp32 accumulator, not rounded to the compute dtype on the way.
+
+    The backward pass runs both of its matmuls in the compute dtype too, as bf16 autocast does. Left to JAX, the
+    transpose of a dot with an fp32 result takes the fp32 cotangent into the input gradient's dot, so that a bf16
+    model's backward matmuls, two thirds of its FLOPs, ran in fp32. Where the caller casts the fp32 result to the
+    compute dtype (every Linear), the cotangent holds values of that dtype and rounding it back is exact."""
+    return jax.lax.dot_general(
+        x_TxK.astype(compute_dtype),
+        w.astype(compute_dtype),
+        _contract(1, w_contract),
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _matmul_fwd(x_TxK, w, compute_dtype, w_contract):
+    return matmul(x_TxK, w, compute_dtype, w_contract), (x_TxK, w)
+
+
+def _matmul_bwd(compute_dtype, w_contract, residuals, g_TxN):
+    x_in, w = residuals
+    x_TxK, g_TxN = x_in.astype(compute_dtype), g_TxN.astype(compute_dtype)
+    dx = jax.lax.dot_general(
+        g_TxN, w.astype(compute_dtype), _contract(1, 1 - w_contract), preferred_element_type=jnp.float32
+    )
+    transposed = w_contract == 1
+    if compute_dtype == jnp.bfloat16:
+        cpu, default = (functools.partial(f, transposed) for f in (_weight_grad_cpu_bf16, _weight_grad))
+        dw = jax.lax.platform_dependent(x_TxK, g_TxN, cpu=cpu, default=default)
+    else:
+        dw = _weight_grad(transposed, x_TxK, g_TxN)
+    return dx.astype(x_in.dtype), dw.astype(w.dtype)
+
+
+def _weight_grad(transposed: bool, x_TxK: jax.Array, g_TxN: jax.Array) -> jax.Array:
+    """x^T g [K, N] (g^T x [N, K] when `transposed`) in fp32, the tokens contracted."""
+    return jax.lax.dot_general(
+        *((g_TxN, x_TxK) if transposed else (x_TxK, g_TxN)), _contract(0, 0), preferred_element_type=jnp.float32
+    )
+
+
+def _weight_grad_cpu_bf16(transposed: bool, x_TxK: jax.Array, g_TxN: jax.Array) -> jax.Array:
+    """_weight_grad for bf16 operands on XLA:CPU, computed as a dot whose left operand is contracted
+    on its last dimension.
+
+    XLA:CPU runs bf16 matmuls (through YNNPACK) only in that form; any other, x^T g among them, is run in fp32
+    after a conversion of both operands, at under half the bf16 rate. XLA folds a transpose into the dot's
+    dimension numbers, so the smaller side, x [T, K] or g [T, N], is transposed by a matmul with the identity,
+    which it cannot fold: exact (each output is one product by 1), at 2·min(K, N)²·T FLOPs, a quarter to one times
+    the gradient's own 2·K·N·T. If the result then comes out the other way round, it is transposed behind a
+    division by one that XLA does not fold: folded into the dot, the transpose would make a bf16 dot XLA:CPU
+    cannot run at all ("Unsupported element type for DotThunk")."""
+    K, N = x_TxK.shape[1], g_TxN.shape[1]
+    if K <= N:
+        out_KxN = jax.lax.dot_general(
+            _transpose_by_matmul(x_TxK), g_TxN, _contract(1, 0), preferred_element_type=jnp.float32
+        )
+        return _transpose_unfolded(out_KxN) if transposed else out_KxN
+    out_NxK = jax.lax.dot_general(
+        _transpose_by_matmul(g_TxN), x_TxK, _contract(1, 0), preferred_element_type=jnp.float32
+    )
+    return out_NxK if transposed else _transpose_unfolded(out_NxK)
+
+
+def _transpose_by_matmul(a_TxK: jax.Array) -> jax.Array:
+    """a^T [K, T] in a's dtype, laid out row-major: I_K · a^T."""
+    eye = jnp.eye(a_TxK.shape[1], dtype=a_TxK.dtype)
+    return jax.lax.dot_general(eye, a_TxK, _contract(1, 1), preferred_element_type=jnp.float32).astype(a_TxK.dtype)
+
+
+def _transpose_unfolded(a: jax.Array) -> jax.Array:
+    """a^T, with a division by exactly one (NaN where a is not finite) that keeps XLA from folding the transpose
+    into the dot that made a."""
+    return (a / (1 + 0 * a)).T
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Adapter:
     """The static settings of a LoRA adapter on a Linear (its A and B are the Linear's lora_a / lora_b)."""
@@ -100,12 +187,12 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, compute_dtype: Any, rng: jax.Array | None = None) -> jax.Array:
         """`rng` drives LoRA dropout only (training); the base path has no dropout."""
-        kernel = self.kernel[...].astype(compute_dtype)
+        kernel = self.kernel[...]
         in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
         lead = x.shape[: x.ndim - self.n_in]
         # One plain 2-D matmul (XLA:CPU is slow on dots with several batch/contracting dims), accumulated in fp32.
         x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
-        y = jnp.matmul(x2, kernel.reshape(x2.shape[1], -1), preferred_element_type=jnp.float32)
+        y = matmul(x2, kernel.reshape(x2.shape[1], -1), compute_dtype)
         if self.adapter is not None:
             y = y + self._adapter_delta(x2, compute_dtype, rng)
         y = y.reshape(lead + out_shape)
@@ -115,15 +202,15 @@ class Linear(nnx.Module):
 
     def _adapter_delta(self, x2: jax.Array, compute_dtype: Any, rng: jax.Array | None) -> jax.Array:
         """The adapter's contribution for flattened inputs x2 [T, in], as fp32 [T, out]."""
-        a = self.lora_a[...].astype(compute_dtype)
-        b = self.lora_b[...].astype(compute_dtype)
+        a, b = self.lora_a[...], self.lora_b[...]
         a2, b2 = a.reshape(x2.shape[1], -1), b.reshape(a.shape[-1], -1)
-        xa = jnp.matmul(dropout(x2, self.adapter.dropout, rng), a2, preferred_element_type=jnp.float32)
-        return jnp.matmul(xa.astype(compute_dtype), b2, preferred_element_type=jnp.float32) * self.adapter.scale
+        xa = matmul(dropout(x2, self.adapter.dropout, rng), a2, compute_dtype)
+        return matmul(xa.astype(compute_dtype), b2, compute_dtype) * self.adapter.scale
 
 
 class Dense(nnx.Module):
-    """The encoders' y = x·W + b over the last `len(in_shape)` dims, in the compute dtype; W is in_shape + out_shape."""
+    """The encoders' y = x·W + b over the last `len(in_shape)` dims, accumulated in fp32 and returned in the compute
+    dtype; W is in_shape + out_shape."""
 
     def __init__(self, in_shape, out_shape, in_axes, out_axes, *, rngs: nnx.Rngs, dtype=jnp.float32):
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
@@ -132,14 +219,14 @@ class Dense(nnx.Module):
         self.n_in = len(in_shape)
 
     def __call__(self, x: jax.Array, compute_dtype: Any) -> jax.Array:
-        kernel = self.kernel[...].astype(compute_dtype)
+        kernel = self.kernel[...]
         in_shape, out_shape = kernel.shape[: self.n_in], kernel.shape[self.n_in :]
         lead = x.shape[: x.ndim - self.n_in]
         # One plain 2-D matmul: XLA:CPU runs dots with several batch/contracting dims (which the weight
         # gradient of a [B, L, E] input becomes) far slower than the same flops as [B·L, E] × [E, F].
         x2 = x.astype(compute_dtype).reshape(-1, math.prod(in_shape))
-        y = x2 @ kernel.reshape(math.prod(in_shape), math.prod(out_shape))
-        return y.reshape(lead + out_shape) + self.bias[...].astype(compute_dtype)
+        y = matmul(x2, kernel.reshape(math.prod(in_shape), math.prod(out_shape)), compute_dtype)
+        return (y.reshape(lead + out_shape) + self.bias[...].astype(jnp.float32)).astype(compute_dtype)
 
 
 class LayerNorm(nnx.Module):

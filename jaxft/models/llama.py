@@ -26,7 +26,7 @@ from jaxft.models.decoder import (
     make_positions,
     write_cache,
 )
-from jaxft.models.layers import ACTIVATIONS, Linear, RMSNorm, build_stacked, normal_init, split_key
+from jaxft.models.layers import ACTIVATIONS, Linear, RMSNorm, build_stacked, matmul, normal_init, split_key
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
@@ -311,8 +311,7 @@ class LlamaModel(DecoderModel):
             weight, contract = self.embed_tokens[...], 1  # [V, E]: contract its E, no transposed copy
         else:
             weight, contract = self.lm_head.kernel[...], 0  # [E, V]
-        dims = (((1,), (contract,)), ((), ()))
-        logits = jax.lax.dot_general(h2, weight.astype(cd), dims, preferred_element_type=jnp.float32)
+        logits = matmul(h2, weight, cd, w_contract=contract)
         cap = self.spec.final_logit_softcap
         if cap:
             logits = jnp.tanh(logits / cap) * cap

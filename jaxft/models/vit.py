@@ -23,6 +23,7 @@ from jaxft.models.layers import (
     Linear,
     build_stacked,
     dropout,
+    matmul,
     normal_init,
     remat_name,
     split_key,
@@ -85,8 +86,9 @@ class PatchEmbed(nnx.Module):
         p = self.patch
         x = pixels_BxCxHxW.astype(compute_dtype).reshape(B, C, H // p, p, W // p, p)
         patches_BxNxP = x.transpose(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
-        kernel = self.kernel[...].astype(compute_dtype).reshape(p * p * C, -1)
-        y = jnp.matmul(patches_BxNxP, kernel, preferred_element_type=jnp.float32)
+        kernel = self.kernel[...].reshape(p * p * C, -1)
+        y = matmul(patches_BxNxP.reshape(B * (H // p) * (W // p), -1), kernel, compute_dtype)
+        y = y.reshape(B, (H // p) * (W // p), -1)
         return (y + self.bias[...].astype(jnp.float32)).astype(compute_dtype)
 
 
