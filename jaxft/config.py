@@ -384,6 +384,10 @@ def validate(cfg: Config) -> Config:
             f"train.batch_size: {cfg.train.batch_size} is not divisible by "
             f"train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
+    if cfg.model.dropout_rate != -1.0 and not 0.0 <= cfg.model.dropout_rate < 1.0:
+        raise ConfigError(
+            f"model.dropout_rate: must be in [0, 1), or -1 for the checkpoint's own, got {cfg.model.dropout_rate}"
+        )
     if cfg.lora.rank and not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.data.dataset == "files" and not cfg.data.train_files:

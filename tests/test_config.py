@@ -352,6 +352,11 @@ def test_freeze_config_names_the_bad_rule_index():
             "train.batch_size: 10 is not divisible by train.grad_accum_steps=4",
         ),
         (["lora.rank=4", "lora.dropout=1.0"], "lora.dropout: must be in [0, 1), got 1.0"),
+        (["model.dropout_rate=1"], "model.dropout_rate: must be in [0, 1), or -1 for the checkpoint's own, got 1.0"),
+        (
+            ["model.dropout_rate=-0.5"],
+            "model.dropout_rate: must be in [0, 1), or -1 for the checkpoint's own, got -0.5",
+        ),
         (["data.dataset=files"], "data.train_files: required when data.dataset='files'"),
     ],
 )
@@ -369,6 +374,8 @@ def test_validate_rejects(overrides, message):
         ["mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2"],
         ["train.batch_size=12", "train.grad_accum_steps=4"],
         ["lora.rank=8", "lora.dropout=0.99"],
+        ["model.dropout_rate=0"],
+        ["model.dropout_rate=0.1"],
         ["data.dataset=files", "data.train_files=a.jsonl"],
         ["checkpoint.keep_best_metric="],
         ["model.frozen_dtype=bfloat16", "model.compute_dtype=bfloat16"],
