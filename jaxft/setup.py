@@ -157,7 +157,8 @@ def with_frozen_dtype(skeleton: ModelSkeleton, dtype: str, frozen_paths: set[str
 
 def compute_dtype(model_cfg: ModelConfig, mesh: Mesh) -> jnp.dtype:
     """model.compute_dtype on this mesh's devices: "auto" is bf16 on TPUs and GPUs (their matrix units' dtype;
-    parameters stay in param_dtype) and fp32 on CPUs, where bf16 is emulated and slower."""
+    parameters stay in param_dtype) and fp32 on CPUs, whose results then match PyTorch's (bf16 is faster only on
+    CPUs with bf16 matrix instructions, and is set explicitly there)."""
     if model_cfg.compute_dtype != "auto":
         return jnp.dtype(model_cfg.compute_dtype)
     platform = mesh.devices.flat[0].platform
