@@ -322,8 +322,10 @@ def matmul_grads(x, w, g, compute_dtype, w_contract):
 
 @pytest.mark.parametrize("w_contract", [0, 1])
 @pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
-# K < N, K > N, K = N; large enough for XLA:CPU's library dots (its small-matmul emitters take other paths)
-@pytest.mark.parametrize("shape", [(64, 32, 96), (64, 96, 32), (40, 48, 48)])
+# K < N, K > N, K = N, large enough for XLA:CPU's library dots; then degenerate ones (its other dot emitters)
+@pytest.mark.parametrize(
+    "shape", [(64, 32, 96), (64, 96, 32), (40, 48, 48), (1, 16, 24), (16, 1, 24), (16, 24, 1), (3, 5, 2)]
+)
 def test_matmul_and_both_gradients_are_exact(shape, compute_dtype, w_contract):
     """The value and both gradients against numpy in either dtype and each weight orientation (in bf16 on XLA:CPU:
     the weight gradient's four transposed-by-identity paths); dx comes back in x's dtype, dw in w's (fp32)."""
