@@ -130,7 +130,9 @@ def main() -> None:
     p.add_argument("--no-scan", action="store_true", help="--scan-layers false: one tensor per layer")
     p.add_argument("--pipeline", action="store_true", help="also the input pipeline's images/s, alone")
     p.add_argument("--remat", default="none")
-    p.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="model.compute_dtype")
+    p.add_argument(
+        "--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="model.compute_dtype"
+    )
     p.add_argument("--labels", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=5)
