@@ -224,7 +224,6 @@ def test_remat_name_rejects_an_unknown_policy():
     with pytest.raises(ValueError, match=r"remat 'everything' is not one of: none, full, dots_saveable"):
         remat_name("everything")
     assert REMAT_POLICIES["full"] is None
-    assert REMAT_POLICIES["dots_saveable"] is jax.checkpoint_policies.dots_saveable
 
 
 def test_dropout_is_identity_without_a_key_or_at_rate_zero():
@@ -368,3 +367,20 @@ def test_bf16_matmul_backward_runs_its_dots_in_bf16():
     dots = re.findall(r"= \S+ dot\(%([^,\s]+), %([^,\s)]+)\)", hlo)
     assert len(dots) >= 3, hlo
     assert {(dtype_of[a], dtype_of[b]) for a, b in dots} == {("bf16", "bf16")}, dots
+
+
+@pytest.mark.parametrize("policy", ["dots_saveable", "dots_with_no_batch_dims_saveable"])
+def test_remat_policies_that_save_dots_save_matmul_results(policy, capsys):
+    """A remat policy sees matmul's custom VJP as one call, not a dot: the policies that keep dots keep its named
+    result too (else they recompute every projection in the backward pass, as "full" does)."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    def f(x, w1, w2):
+        h = jnp.tanh(matmul(x, w1, jnp.float32))
+        return jnp.sum(jnp.tanh(matmul(h, w2, jnp.float32)))
+
+    args = (jnp.ones((8, 16)), jnp.ones((16, 32)), jnp.ones((32, 16)))
+    print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES[policy]), *args)
+    assert capsys.readouterr().out.count("named 'jaxft_matmul'") == 2
+    print_saved_residuals(jax.checkpoint(f, policy=REMAT_POLICIES["full"]), *args)
+    assert "jaxft_matmul" not in capsys.readouterr().out

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxft import axes
 
@@ -28,12 +29,20 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
 }
 
+# The name `matmul` gives its result: a remat policy sees a custom VJP as one opaque call, not as a dot, so the
+# policies that save dots save these by name too.
+MATMUL_NAME = "jaxft_matmul"
+_policies = jax.checkpoint_policies
+_saves_matmuls = _policies.save_only_these_names(MATMUL_NAME)
+
 # name -> jax.checkpoint policy; "none" (not listed) skips jax.checkpoint, "full" saves nothing and recomputes all.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable, _saves_matmuls),
     # Saves the weight matmuls but not the [B, N, L, L] attention logits, which dots_saveable also keeps.
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _saves_matmuls
+    ),
 }
 
 
@@ -79,7 +88,6 @@ def _contract(lhs_dim: int, rhs_dim: int) -> tuple:
     return (((lhs_dim,), (rhs_dim,)), ((), ()))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int = 0) -> jax.Array:
     """x [T, K] · w (w [K, N], or [N, K] contracted on its last dim with w_contract=1) with both operands in the
     compute dtype, accumulated and returned in fp32 [T, N]. w may be the fp32 master weight: its gradient comes
@@ -88,7 +96,13 @@ def matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int =
     The backward pass runs both of its matmuls in the compute dtype too, as bf16 autocast does. Left to JAX, the
     transpose of a dot with an fp32 result takes the fp32 cotangent into the input gradient's dot, so that a bf16
     model's backward matmuls, two thirds of its FLOPs, ran in fp32. Where the caller casts the fp32 result to the
-    compute dtype (every Linear), the cotangent holds values of that dtype and rounding it back is exact."""
+    compute dtype (every Linear), the cotangent holds values of that dtype and rounding it back is exact. The
+    result is named MATMUL_NAME for the remat policies."""
+    return checkpoint_name(_matmul(x_TxK, w, compute_dtype, w_contract), MATMUL_NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int) -> jax.Array:
     return jax.lax.dot_general(
         x_TxK.astype(compute_dtype),
         w.astype(compute_dtype),
@@ -98,7 +112,7 @@ def matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int =
 
 
 def _matmul_fwd(x_TxK, w, compute_dtype, w_contract):
-    return matmul(x_TxK, w, compute_dtype, w_contract), (x_TxK, w)
+    return _matmul(x_TxK, w, compute_dtype, w_contract), (x_TxK, w)
 
 
 def _matmul_bwd(compute_dtype, w_contract, residuals, g_TxN):
@@ -158,7 +172,7 @@ def _transpose_unfolded(a: jax.Array) -> jax.Array:
     return (a / (1 + 0 * a)).T
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
