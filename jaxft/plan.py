@@ -135,7 +135,7 @@ def compile_train_step(parts: PlanParts) -> dict[str, Any]:
     traced = step.trace(*setup.abstract_train_args(layout, mesh))
     lowered = traced.lower()
     program = lowered.as_text()
-    flops = matmul_flops(traced.jaxpr) / mesh.size or None
+    flops = matmul_flops(traced.jaxpr, mesh.devices.flat[0].platform) / mesh.size or None
     out = {"compute_dtype": str(setup.compute_dtype(cfg.model, mesh))}
     # XLA's GPU compiler warns, where remat cannot bring a step under the device's memory, by how much; the
     # report says so, once.
@@ -174,15 +174,21 @@ def compile_train_step(parts: PlanParts) -> dict[str, Any]:
     }
 
 
-def matmul_flops(jaxpr: jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr) -> float:
+def matmul_flops(jaxpr: jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr, platform: str = "") -> float:
     """The matrix-multiply FLOPs of a traced program (2 per multiply-add of each dot_general and convolution),
     with a scan's body counted once per iteration, a cond's costliest branch, and a while loop's body once.
     XLA's own cost analysis counts a scanned layer stack's body once, not once per layer; this is the count an
-    MFU figure is taken against."""
+    MFU figure is taken against. Where the program branches on the platform (lax.platform_dependent), the branch
+    `platform` (a device's: cpu, gpu, tpu) compiles to is counted; with none given, the costliest."""
     total = 0.0
+    chosen: dict[Any, int] = {}  # a platform_index result -> the branch `platform` takes
     for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
         name = eqn.primitive.name
-        if name == "dot_general":
+        if name == "platform_index" and platform:
+            chosen[eqn.outvars[0]] = _platform_branch(eqn.params["platforms"], platform)
+        elif name == "cond" and eqn.invars[0] in chosen:
+            total += matmul_flops(eqn.params["branches"][chosen[eqn.invars[0]]], platform)
+        elif name == "dot_general":
             (contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
             out = eqn.outvars[0].aval.shape
@@ -193,11 +199,21 @@ def matmul_flops(jaxpr: jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr) -> 
             out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
             total += 2.0 * math.prod(out) * math.prod(rhs) / out_features
         elif name == "cond":
-            total += max(matmul_flops(b) for b in eqn.params["branches"])
+            total += max(matmul_flops(b, platform) for b in eqn.params["branches"])
         else:
-            inner = sum(matmul_flops(j) for j in _jaxprs_in(eqn.params))
+            inner = sum(matmul_flops(j, platform) for j in _jaxprs_in(eqn.params))
             total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
+
+
+def _platform_branch(platforms: tuple, platform: str) -> int:
+    """The branch of a platform_index (`platforms`: one tuple of lowering platform names a branch, None for the
+    default) that a device platform takes."""
+    names = {"gpu": ("cuda", "rocm")}.get(platform, (platform,))
+    for i, group in enumerate(platforms):
+        if group is not None and any(n in group for n in names):
+            return i
+    return platforms.index(None)
 
 
 def _jaxprs_in(params: dict[str, Any]) -> list[Any]:

@@ -88,6 +88,20 @@ def test_matmul_flops_count_each_scanned_layer_and_the_remat_recompute():
     assert matmul_flops(traced.jaxpr) == 8 * 4 * one  # forward, recompute, and the two backward products
 
 
+def test_matmul_flops_count_the_branch_the_target_platform_compiles():
+    """lax.platform_dependent stages every platform's branch; plan counts the one its target compiles (layers.matmul
+    gives XLA:CPU an extra transposing matmul that TPU and GPU programs never carry)."""
+
+    def f(x, w):
+        return jax.lax.platform_dependent(x, w, cpu=lambda x, w: (x @ w) @ w, default=lambda x, w: x @ w)
+
+    traced = jax.jit(f).trace(jnp.ones((16, 64)), jnp.ones((64, 64)))
+    one = 2 * 16 * 64 * 64
+    assert matmul_flops(traced.jaxpr, "cpu") == 2 * one
+    assert matmul_flops(traced.jaxpr, "tpu") == matmul_flops(traced.jaxpr, "gpu") == one
+    assert matmul_flops(traced.jaxpr) == 2 * one  # no platform given: the costliest
+
+
 def test_plan_for_a_gpu_from_the_cli_prints_only_the_report(data_dir):
     r = run_cli("plan", ROOT / "configs" / "tiny.py", "--target", "h100-2", "mesh.data=2", "--json")
     assert r.returncode == 0, r.stderr[-3000:]

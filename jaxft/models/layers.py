@@ -98,11 +98,12 @@ def matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int =
     model's backward matmuls, two thirds of its FLOPs, ran in fp32. Where the caller casts the fp32 result to the
     compute dtype (every Linear), the cotangent holds values of that dtype and rounding it back is exact. The
     result is named MATMUL_NAME for the remat policies."""
-    return checkpoint_name(_matmul(x_TxK, w, compute_dtype, w_contract), MATMUL_NAME)
+    y = _matmul(x_TxK, w, jnp.dtype(compute_dtype), w_contract, jnp.dtype(x_TxK.dtype), jnp.dtype(w.dtype))
+    return checkpoint_name(y, MATMUL_NAME)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int, x_dtype: Any, w_dtype: Any):
     return jax.lax.dot_general(
         x_TxK.astype(compute_dtype),
         w.astype(compute_dtype),
@@ -111,23 +112,24 @@ def _matmul(x_TxK: jax.Array, w: jax.Array, compute_dtype: Any, w_contract: int)
     )
 
 
-def _matmul_fwd(x_TxK, w, compute_dtype, w_contract):
-    return _matmul(x_TxK, w, compute_dtype, w_contract), (x_TxK, w)
+def _matmul_fwd(x_TxK, w, compute_dtype, w_contract, x_dtype, w_dtype):
+    # The residuals are the operands as the forward dot took them: in a scanned stack, a saved fp32 weight would be
+    # stacked into a second fp32 copy of every layer's weights.
+    x_TxK, w = x_TxK.astype(compute_dtype), w.astype(compute_dtype)
+    return _matmul(x_TxK, w, compute_dtype, w_contract, x_dtype, w_dtype), (x_TxK, w)
 
 
-def _matmul_bwd(compute_dtype, w_contract, residuals, g_TxN):
-    x_in, w = residuals
-    x_TxK, g_TxN = x_in.astype(compute_dtype), g_TxN.astype(compute_dtype)
-    dx = jax.lax.dot_general(
-        g_TxN, w.astype(compute_dtype), _contract(1, 1 - w_contract), preferred_element_type=jnp.float32
-    )
+def _matmul_bwd(compute_dtype, w_contract, x_dtype, w_dtype, residuals, g_TxN):
+    x_TxK, w = residuals
+    g_TxN = g_TxN.astype(compute_dtype)
+    dx = jax.lax.dot_general(g_TxN, w, _contract(1, 1 - w_contract), preferred_element_type=jnp.float32)
     transposed = w_contract == 1
     if compute_dtype == jnp.bfloat16:
         cpu, default = (functools.partial(f, transposed) for f in (_weight_grad_cpu_bf16, _weight_grad))
         dw = jax.lax.platform_dependent(x_TxK, g_TxN, cpu=cpu, default=default)
     else:
         dw = _weight_grad(transposed, x_TxK, g_TxN)
-    return dx.astype(x_in.dtype), dw.astype(w.dtype)
+    return dx.astype(x_dtype), dw.astype(w_dtype)
 
 
 def _weight_grad(transposed: bool, x_TxK: jax.Array, g_TxN: jax.Array) -> jax.Array:
