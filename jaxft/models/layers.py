@@ -150,16 +150,11 @@ def _weight_grad_cpu_bf16(transposed: bool, x_TxK: jax.Array, g_TxN: jax.Array) 
     the gradient's own 2·K·N·T. If the result then comes out the other way round, it is transposed behind a
     division by one that XLA does not fold: folded into the dot, the transpose would make a bf16 dot XLA:CPU
     cannot run at all ("Unsupported element type for DotThunk")."""
-    K, N = x_TxK.shape[1], g_TxN.shape[1]
-    if K <= N:
-        out_KxN = jax.lax.dot_general(
-            _transpose_by_matmul(x_TxK), g_TxN, _contract(1, 0), preferred_element_type=jnp.float32
-        )
-        return _transpose_unfolded(out_KxN) if transposed else out_KxN
-    out_NxK = jax.lax.dot_general(
-        _transpose_by_matmul(g_TxN), x_TxK, _contract(1, 0), preferred_element_type=jnp.float32
-    )
-    return out_NxK if transposed else _transpose_unfolded(out_NxK)
+    x_smaller = x_TxK.shape[1] <= g_TxN.shape[1]
+    small, other = (x_TxK, g_TxN) if x_smaller else (g_TxN, x_TxK)
+    # [K, N] when x is the smaller side, else [N, K]
+    out = jax.lax.dot_general(_transpose_by_matmul(small), other, _contract(1, 0), preferred_element_type=jnp.float32)
+    return out if x_smaller != transposed else _transpose_unfolded(out)
 
 
 def _transpose_by_matmul(a_TxK: jax.Array) -> jax.Array:
